@@ -1,0 +1,276 @@
+/**
+ * Command-line parsing: a hand-made clone of what systemd-socket-proxyd v252 does with
+ * glibc `getopt_long(argc, argv, "c:h", longopts)`, plus our own `--listen=ADDRESS`.
+ *
+ * Drop-in users script against the reference, so its quirks are kept on purpose: GNU
+ * argument permutation, abbreviated long options, options acted on left to right with
+ * the first error winning (`-c abc -h` fails, `-h -c abc` prints help), the positional
+ * count checked only after all options, and glibc's exact error wording (which, unlike
+ * systemd's own messages, starts with "argv[0]: ").
+ *
+ * Pure: no I/O and no process.env access; the caller passes the environment in.
+ */
+
+import { EINVAL, ERANGE, ProxyError } from './errors.ts';
+import { parseSec, USEC_INFINITY } from './timespan.ts';
+
+export interface Options {
+  connectionsMax: number; // default 256
+  exitIdleTimeUsec: bigint | null; // null = infinity (the default)
+  listen: string[]; // --listen=ADDR values in order (our extension), default []
+  target: string; // the one positional argument
+}
+
+export type Parsed =
+  | { action: 'help' }
+  | { action: 'version' }
+  | { action: 'run'; options: Options };
+
+type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen';
+type OptionId = ValueOptionId | 'help' | 'version';
+
+interface LongOption {
+  readonly name: string;
+  readonly hasArg: boolean;
+  readonly id: OptionId;
+}
+
+/*
+ * Order matters: glibc lists ambiguous candidates in table order. The first four are in
+ * the order the reference prints them; `listen` goes last so our ambiguity message is the
+ * reference's plus " '--listen'".
+ */
+const LONG_OPTIONS: readonly LongOption[] = [
+  { name: 'connections-max', hasArg: true, id: 'connections-max' },
+  { name: 'exit-idle-time', hasArg: true, id: 'exit-idle-time' },
+  { name: 'help', hasArg: false, id: 'help' },
+  { name: 'version', hasArg: false, id: 'version' },
+  { name: 'listen', hasArg: true, id: 'listen' },
+];
+
+function usage(message: string, errno: number = EINVAL): ProxyError {
+  return new ProxyError('ERR_USAGE', message, errno);
+}
+
+/**
+ * glibc's long-option lookup (process_long_option): an exact name match wins, otherwise a
+ * unique prefix. `body` is the argument without its leading "--", possibly with "=value".
+ * The messages quote the text as typed (including "=value") except for the two that name
+ * the matched option, which use its full name -- as glibc does.
+ */
+function lookupLong(body: string, prog: string): { option: LongOption; value: string | undefined } {
+  const eq = body.indexOf('=');
+  const name = eq === -1 ? body : body.slice(0, eq);
+  const value = eq === -1 ? undefined : body.slice(eq + 1);
+
+  const exact = LONG_OPTIONS.find((o) => o.name === name);
+  if (exact !== undefined) return { option: exact, value };
+
+  // glibc would not call two prefix matches ambiguous if they had identical has_arg/flag/val,
+  // but every entry here has a distinct val, so any second match is an ambiguity.
+  const matches = LONG_OPTIONS.filter((o) => o.name.startsWith(name));
+  if (matches.length > 1) {
+    const candidates = matches.map((o) => ` '--${o.name}'`).join('');
+    throw usage(`${prog}: option '--${body}' is ambiguous; possibilities:${candidates}`);
+  }
+  const only = matches[0];
+  if (only === undefined) throw usage(`${prog}: unrecognized option '--${body}'`);
+  return { option: only, value };
+}
+
+/**
+ * C strtoul(s, &end, 0) on a 64-bit unsigned long in the C locale: skips isspace(), takes an
+ * optional sign, auto-detects 0x/0 prefixes, wraps a negative result modulo 2^64 and flags
+ * overflow. `end` is 0 when nothing was converted (strtoul sets end = s then).
+ */
+function strtoul(s: string): { value: bigint; end: number; overflow: boolean } {
+  const ULONG_MAX = 2n ** 64n - 1n;
+  let i = 0;
+  while (i < s.length && ' \t\n\v\f\r'.includes(s.charAt(i))) i++;
+  let negative = false;
+  if (s.charAt(i) === '+' || s.charAt(i) === '-') {
+    negative = s.charAt(i) === '-';
+    i++;
+  }
+  let base = 10;
+  if (s.charAt(i) === '0') {
+    // "0x" only switches to hex when a hex digit follows; otherwise "0" is parsed (as octal)
+    // and the conversion stops at the "x" -- which makes it trailing garbage for safe_atou.
+    if ((s.charAt(i + 1) === 'x' || s.charAt(i + 1) === 'X') && digitValue(s.charAt(i + 2)) < 16) {
+      base = 16;
+      i += 2;
+    } else {
+      base = 8;
+    }
+  }
+  const start = i;
+  let value = 0n;
+  let overflow = false;
+  for (; i < s.length; i++) {
+    const d = digitValue(s.charAt(i));
+    if (d >= base) break;
+    value = value * BigInt(base) + BigInt(d);
+    if (value > ULONG_MAX) overflow = true;
+  }
+  if (i === start) return { value: 0n, end: 0, overflow: false };
+  if (overflow) return { value: ULONG_MAX, end: i, overflow: true };
+  if (negative && value !== 0n) value = 2n ** 64n - value;
+  return { value, end: i, overflow: false };
+}
+
+function digitValue(ch: string): number {
+  // ASCII 0-9, a-z, A-Z only, like strtoul in the C locale; anything else ends the number.
+  const n = /^[0-9a-zA-Z]$/.test(ch) ? parseInt(ch, 36) : NaN;
+  return Number.isNaN(n) ? 99 : n;
+}
+
+/**
+ * systemd v252 safe_atou(): strips its own WHITESPACE set (" \t\n\r", not \v or \f), then
+ * strtoul base 0; rejects trailing text (EINVAL), a leading '-' on a non-zero result or a
+ * value above 2^32-1 (ERANGE). The '-' check looks only at the first byte after that strip,
+ * so "\v-18446744073709551615" sneaks through as 1 -- the reference accepts it too.
+ * Returns the value or a negative errno.
+ */
+function safeAtou(text: string): number {
+  let skip = 0;
+  while (skip < text.length && ' \t\n\r'.includes(text.charAt(skip))) skip++;
+  const s = text.slice(skip);
+  const { value, end, overflow } = strtoul(s);
+  if (overflow) return -ERANGE;
+  if (end === 0 || end !== s.length) return -EINVAL;
+  if (value !== 0n && s.startsWith('-')) return -ERANGE;
+  if (value > 0xffffffffn) return -ERANGE;
+  return Number(value);
+}
+
+function timespanErrno(err: unknown): number | undefined {
+  if (err instanceof Error && 'errno' in err && typeof err.errno === 'number') return err.errno;
+  return undefined;
+}
+
+/** Acts on one option with a value, the way parse_argv's switch does. */
+function apply(id: ValueOptionId, arg: string, options: Options): void {
+  switch (id) {
+    case 'connections-max': {
+      const n = safeAtou(arg);
+      if (n < 0) throw usage(`Failed to parse --connections-max= argument: ${arg}`, -n);
+      // Checked per occurrence, not after the loop: `-c 0 -c 5 x` fails in the reference.
+      if (n < 1) throw usage('Connection limit is too low.');
+      options.connectionsMax = n;
+      return;
+    }
+    case 'exit-idle-time': {
+      let usec: bigint;
+      try {
+        usec = parseSec(arg);
+      } catch (err) {
+        const errno = timespanErrno(err);
+        if (errno === undefined) throw err; // not a parse failure but a bug: don't mask it
+        throw usage(`Failed to parse --exit-idle-time= argument: ${arg}`, errno);
+      }
+      options.exitIdleTimeUsec = usec === USEC_INFINITY ? null : usec;
+      return;
+    }
+    case 'listen':
+      // Stored raw: the listener module validates addresses and reports its own errors.
+      options.listen.push(arg);
+      return;
+  }
+}
+
+/**
+ * Parses `argv` (without node and the script). `prog` prefixes glibc-style messages the way
+ * glibc uses argv[0]. Pass `process.env` as `env` to honour POSIXLY_CORRECT (set, even to
+ * "", means: stop at the first non-option, as glibc does); omitted means not set.
+ * Throws ProxyError('ERR_USAGE', line, EINVAL | ERANGE).
+ */
+export function parseArgv(
+  argv: readonly string[],
+  prog: string,
+  env: { POSIXLY_CORRECT?: string | undefined } = {},
+): Parsed {
+  const requireOrder = env.POSIXLY_CORRECT !== undefined;
+  const options: Options = { connectionsMax: 256, exitIdleTimeUsec: null, listen: [], target: '' };
+  const positional: string[] = [];
+
+  let i = 0;
+  while (i < argv.length) {
+    const arg = argv[i] as string;
+    i++;
+
+    if (arg === '--') {
+      positional.push(...argv.slice(i));
+      break;
+    }
+    if (!arg.startsWith('-') || arg === '-') {
+      if (requireOrder) {
+        positional.push(...argv.slice(i - 1));
+        break;
+      }
+      // GNU permutation: glibc moves non-options to the end; only their order matters here.
+      positional.push(arg);
+      continue;
+    }
+
+    if (arg.startsWith('--')) {
+      const { option, value } = lookupLong(arg.slice(2), prog);
+      if (option.id === 'help' || option.id === 'version') {
+        if (value !== undefined) throw usage(`${prog}: option '--${option.name}' doesn't allow an argument`);
+        return { action: option.id };
+      }
+      let optarg = value;
+      if (optarg === undefined) {
+        // The next element is taken whatever it looks like ("--", "-h", ...), as glibc does.
+        if (i >= argv.length) throw usage(`${prog}: option '--${option.name}' requires an argument`);
+        optarg = argv[i] as string;
+        i++;
+      }
+      apply(option.id, optarg, options);
+      continue;
+    }
+
+    // A cluster of short options, "c:h". Code points, not UTF-16 units, so a message never
+    // quotes half a surrogate pair (glibc would quote a single byte; unprintable either way).
+    const chars = Array.from(arg.slice(1));
+    for (let k = 0; k < chars.length; k++) {
+      const ch = chars[k] as string;
+      if (ch === 'h') return { action: 'help' };
+      if (ch !== 'c') throw usage(`${prog}: invalid option -- '${ch}'`);
+      let optarg = chars.slice(k + 1).join('');
+      if (optarg === '') {
+        if (i >= argv.length) throw usage(`${prog}: option requires an argument -- 'c'`);
+        optarg = argv[i] as string;
+        i++;
+      }
+      apply('connections-max', optarg, options);
+      break; // the rest of the cluster was c's argument
+    }
+  }
+
+  if (positional.length === 0) throw usage('Not enough parameters.');
+  if (positional.length > 1) throw usage('Too many parameters.');
+  options.target = positional[0] as string;
+  return { action: 'run', options };
+}
+
+/** The full --help text (ends with "\n"). */
+export function helpText(progName: string): string {
+  return `${progName} [OPTIONS...] HOST:PORT
+${progName} [OPTIONS...] SOCKET
+
+Bidirectionally proxy local sockets to another (possibly remote) socket.
+
+  -c --connections-max=N  Set the maximum number of connections to be accepted
+                          (default: 256)
+     --exit-idle-time=SPAN
+                          Exit when without a connection for this duration. See
+                          the systemd.time(7) man page for time span format
+     --listen=ADDRESS     Listen on ADDRESS instead of on sockets passed in by
+                          systemd: HOST:PORT, [IPv6]:PORT, /path or @abstract;
+                          may be repeated
+  -h --help               Show this help
+     --version            Show package version
+
+See the socket-proxyd(8) man page for details.
+`;
+}
