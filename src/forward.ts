@@ -1,0 +1,355 @@
+/**
+ * One proxied connection: connect to the target, then forward both directions
+ * byte-exact until both are done, half-close included.
+ *
+ * The data path, and why it looks the way it does:
+ *
+ * - Reads use `onread` (a caller-supplied buffer) instead of 'data' events. The
+ *   default path allocates a fresh 64 KiB ArrayBuffer per read and shrinks it,
+ *   which costs CPU and page faults; `onread` reads into memory we own.
+ * - Memory we own may be handed to `write()`. When the write completes at once
+ *   (the common case: the kernel took it all), the buffer is free again. When it
+ *   does not, the pending write still points into the buffer, so it must not be
+ *   read into again: the direction stops reading until the destination drains.
+ *   That also bounds memory: at most one chunk in flight per direction, the rest
+ *   waits in the kernel's socket buffers, where it belongs.
+ * - Idle connections must cost almost nothing, so a connection has no buffer of
+ *   its own until it moves bulk data. Small reads land in one buffer shared by all
+ *   connections (SHARED) and are copied out before writing (a copy of a few hundred
+ *   bytes comes from Node's buffer pool). A read that fills much of SHARED marks the
+ *   direction as bulk: it takes a 64 KiB buffer from a small free list and reads
+ *   into it directly from then on, and gives it back when its traffic turns small.
+ * - Handlers are module-level functions; they find their connection through the
+ *   socket's kConn field, so no closures are created per connection or per chunk.
+ *
+ * Ownership rule, the one thing never to break: a buffer is read into only when
+ * no pending write references it. SHARED is never passed to write(); a bulk
+ * buffer is read into again only after the destination reported writableLength 0.
+ */
+import { Socket, type SocketConstructorOpts } from 'node:net';
+import { LOG_DEBUG, LOG_ERR } from './log.ts';
+import { strerror } from './strerror.ts';
+import type { Address } from './address.ts';
+
+/** Size of the shared buffer and of each bulk buffer. */
+export const BUFFER_SIZE = 64 * 1024;
+/** A read of at least this many bytes makes a direction "bulk". */
+const BULK_THRESHOLD = 16 * 1024;
+/** A bulk direction whose reads fall under this gives its buffer back. */
+const SMALL_THRESHOLD = 2 * 1024;
+/** Free bulk buffers kept for reuse (beyond this they are left to the GC). */
+const FREE_LIST_MAX = 64;
+
+const SHARED: Buffer = Buffer.allocUnsafeSlow(BUFFER_SIZE);
+const freeBuffers: Buffer[] = [];
+
+function takeBuffer(): Buffer {
+  return freeBuffers.pop() ?? Buffer.allocUnsafeSlow(BUFFER_SIZE);
+}
+
+function giveBuffer(buf: Buffer): void {
+  if (freeBuffers.length < FREE_LIST_MAX) freeBuffers.push(buf);
+}
+
+/**
+ * Node calls the onread buffer factory as a plain function right after the read
+ * callback of the same socket returns (or when a socket gets its handle), so the
+ * callback leaves the socket's next buffer here. Every other time it is SHARED.
+ */
+let nextBuffer: Buffer = SHARED;
+
+function bufferFactory(): Buffer {
+  const buf = nextBuffer;
+  nextBuffer = SHARED;
+  return buf;
+}
+
+/** What the engine provides to each connection. */
+export interface ConnectionOwner {
+  readonly target: Address;
+  readonly log: (level: number, message: string) => void;
+  /** Called exactly once, when both sockets of the connection are closed. */
+  readonly release: (conn: Connection) => void;
+  /** Resolves a host name to the addresses to try, in order (getaddrinfo order). */
+  readonly resolve: (conn: Connection) => void;
+}
+
+export interface Connection {
+  readonly owner: ConnectionOwner;
+  readonly client: ProxySocket;
+  backend: ProxySocket | null;
+  /** Backend is connected and forwarding has started. */
+  connected: boolean;
+  /** Per direction: the bulk buffer being read into, or null while using SHARED. */
+  clientBuf: Buffer | null;
+  backendBuf: Buffer | null;
+  clientClosed: boolean;
+  backendClosed: boolean;
+  released: boolean;
+  /** For host-name targets: the resolved addresses still to try. */
+  candidates: string[];
+  candidateIndex: number;
+}
+
+const kConn = Symbol('socket-proxyd.connection');
+
+export interface ProxySocket extends Socket {
+  [kConn]: Connection;
+}
+
+/** Node's private stream handle, as far as we touch it. */
+export interface StreamHandle {
+  close(callback?: () => void): void;
+  getpeername?(out: Record<string, unknown>): number;
+}
+
+// `handle`, `onread` and `pauseOnCreate` are real Socket options that @types/node
+// does not declare for the constructor.
+interface InternalSocketOptions extends SocketConstructorOpts {
+  handle?: StreamHandle;
+  pauseOnCreate?: boolean;
+  writableHighWaterMark?: number;
+}
+
+/**
+ * writableHighWaterMark 1: every write that does not complete at once sets
+ * needDrain, so 'drain' reliably tells us the pending write released its buffer.
+ */
+const WRITE_HWM = 1;
+
+const CLIENT_ONREAD = { buffer: bufferFactory, callback: onClientRead };
+const BACKEND_ONREAD = { buffer: bufferFactory, callback: onBackendRead };
+
+/** Take over an accepted client handle and start connecting to the target. */
+export function startConnection(owner: ConnectionOwner, handle: StreamHandle): Connection {
+  const options: InternalSocketOptions = {
+    handle,
+    allowHalfOpen: true,
+    // The client is not read until the backend is connected (as the reference):
+    // nothing is buffered for a backend that may never answer.
+    pauseOnCreate: true,
+    readable: true,
+    writable: true,
+    writableHighWaterMark: WRITE_HWM,
+    onread: CLIENT_ONREAD,
+  };
+  const client = new Socket(options) as ProxySocket;
+  const conn: Connection = {
+    owner,
+    client,
+    backend: null,
+    connected: false,
+    clientBuf: null,
+    backendBuf: null,
+    clientClosed: false,
+    backendClosed: false,
+    released: false,
+    candidates: [],
+    candidateIndex: 0,
+  };
+  client[kConn] = conn;
+  client.on('error', onClientError);
+  client.on('end', onClientEnd);
+  client.on('close', onClientClose);
+  client.on('drain', onClientDrain);
+
+  const target = owner.target;
+  if (target.kind === 'name') owner.resolve(conn);
+  else connectBackend(conn, target.kind === 'unix' ? { path: target.path } : { host: target.host, port: target.port });
+  return conn;
+}
+
+interface ConnectTo {
+  path?: string;
+  host?: string;
+  port?: number;
+}
+
+function connectBackend(conn: Connection, to: ConnectTo): void {
+  const backend = new Socket({
+    allowHalfOpen: true,
+    writableHighWaterMark: WRITE_HWM,
+    onread: BACKEND_ONREAD,
+  } as InternalSocketOptions) as ProxySocket;
+  backend[kConn] = conn;
+  conn.backend = backend;
+  conn.backendClosed = false;
+  backend.on('connect', onBackendConnect);
+  backend.on('error', onBackendError);
+  backend.on('end', onBackendEnd);
+  backend.on('close', onBackendClose);
+  backend.on('drain', onBackendDrain);
+  // An IP literal or a path: Node connects without any DNS lookup.
+  if (to.path !== undefined) backend.connect({ path: to.path });
+  else backend.connect({ host: to.host as string, port: to.port as number });
+}
+
+/** Called by the owner's resolver with the addresses for a host-name target. */
+export function resolved(conn: Connection, err: unknown, addresses: string[]): void {
+  if (conn.released || conn.client.destroyed) return;
+  if (err !== null || addresses.length === 0) {
+    conn.owner.log(LOG_ERR, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
+    conn.client.destroy();
+    return;
+  }
+  conn.candidates = addresses;
+  conn.candidateIndex = 0;
+  tryNextCandidate(conn);
+}
+
+function tryNextCandidate(conn: Connection): void {
+  const host = conn.candidates[conn.candidateIndex++] as string;
+  const target = conn.owner.target as { port: number };
+  connectBackend(conn, { host, port: target.port });
+}
+
+function onBackendConnect(this: ProxySocket): void {
+  const conn = this[kConn];
+  conn.connected = true;
+  conn.candidates = [];
+  if (conn.client.destroyed) {
+    this.destroy();
+    return;
+  }
+  conn.client.resume();
+}
+
+function onBackendError(this: ProxySocket, err: Error): void {
+  const conn = this[kConn];
+  if (this !== conn.backend) return;
+  if (!conn.connected) {
+    // A host name may have more addresses: try them in order, like a client would.
+    if (conn.candidateIndex < conn.candidates.length && !conn.client.destroyed) {
+      tryNextCandidate(conn);
+      return;
+    }
+    conn.owner.log(LOG_ERR, `Failed to connect to remote host: ${strerror(err)}`);
+    conn.client.destroy();
+    return;
+  }
+  // A reset or error on either side ends the whole connection, as in the reference.
+  conn.owner.log(LOG_DEBUG, `Backend connection failed: ${strerror(err)}`);
+  conn.client.destroy();
+}
+
+function onClientError(this: ProxySocket, err: Error): void {
+  const conn = this[kConn];
+  conn.owner.log(LOG_DEBUG, `Client connection failed: ${strerror(err)}`);
+  conn.backend?.destroy();
+}
+
+/**
+ * Forward one read. `this` is the socket that was read from; `buf` holds `n` new bytes.
+ * Returns false to stop reading until the destination drains.
+ */
+function forwardRead(src: ProxySocket, dest: ProxySocket, n: number, buf: Buffer, fromClient: boolean): boolean {
+  const conn = src[kConn];
+  let chunk: Buffer;
+  let own: Buffer | null = fromClient ? conn.clientBuf : conn.backendBuf;
+  if (buf === SHARED) {
+    if (n >= BULK_THRESHOLD) {
+      own = takeBuffer();
+      SHARED.copy(own, 0, 0, n);
+      chunk = own.subarray(0, n);
+    } else {
+      // Never hand SHARED itself to write(): copy the few bytes out.
+      chunk = Buffer.allocUnsafe(n);
+      SHARED.copy(chunk, 0, 0, n);
+    }
+  } else {
+    chunk = buf.subarray(0, n);
+  }
+
+  if (dest.destroyed || dest.writableEnded) {
+    // The other side is gone: nothing can be delivered any more.
+    src.destroy();
+    return false;
+  }
+  dest.write(chunk);
+  const held = dest.writableLength !== 0;
+
+  if (own !== null && !held && n < SMALL_THRESHOLD) {
+    // Traffic turned small: give the bulk buffer back and share again.
+    giveBuffer(own);
+    own = null;
+  }
+  if (fromClient) conn.clientBuf = own;
+  else conn.backendBuf = own;
+  nextBuffer = own ?? SHARED;
+  // While a write is pending its buffer is not ours: stop reading until 'drain'.
+  return !held;
+}
+
+function onClientRead(this: ProxySocket, n: number, buf: Buffer): boolean {
+  return forwardRead(this, this[kConn].backend as ProxySocket, n, buf, true);
+}
+
+function onBackendRead(this: ProxySocket, n: number, buf: Buffer): boolean {
+  return forwardRead(this, this[kConn].client, n, buf, false);
+}
+
+/** The backend took everything we wrote: the client may be read again. */
+function onBackendDrain(this: ProxySocket): void {
+  const conn = this[kConn];
+  if (this === conn.backend && !conn.client.readableEnded) conn.client.resume();
+}
+
+function onClientDrain(this: ProxySocket): void {
+  const conn = this[kConn];
+  const backend = conn.backend;
+  if (backend !== null && conn.connected && !backend.readableEnded) backend.resume();
+}
+
+/** EOF from the client: shut down the backend's write side once our writes are out. */
+function onClientEnd(this: ProxySocket): void {
+  const conn = this[kConn];
+  conn.backend?.end();
+}
+
+function onBackendEnd(this: ProxySocket): void {
+  const conn = this[kConn];
+  if (this === conn.backend) conn.client.end();
+}
+
+/**
+ * A socket that closes after both its directions finished normally leaves the other
+ * alone: it finishes (or has finished) by itself, flushing what it still holds. One
+ * that closes any other way (error, reset, destroyed) takes the other down with it.
+ */
+function closedCleanly(sock: ProxySocket): boolean {
+  return sock.readableEnded && sock.writableFinished;
+}
+
+function onClientClose(this: ProxySocket): void {
+  const conn = this[kConn];
+  conn.clientClosed = true;
+  const backend = conn.backend;
+  if (backend !== null && !backend.destroyed && !closedCleanly(this)) backend.destroy();
+  maybeRelease(conn);
+}
+
+function onBackendClose(this: ProxySocket): void {
+  const conn = this[kConn];
+  if (this !== conn.backend) return;
+  conn.backendClosed = true;
+  if (conn.connected && !conn.client.destroyed && !closedCleanly(this)) conn.client.destroy();
+  maybeRelease(conn);
+}
+
+function maybeRelease(conn: Connection): void {
+  if (conn.released || !conn.clientClosed) return;
+  if (conn.backend !== null && !conn.backendClosed) return;
+  conn.released = true;
+  // Bulk buffers are free once both sockets are closed: no write can be pending.
+  if (conn.clientBuf !== null) giveBuffer(conn.clientBuf);
+  if (conn.backendBuf !== null) giveBuffer(conn.backendBuf);
+  conn.clientBuf = null;
+  conn.backendBuf = null;
+  conn.owner.release(conn);
+}
+
+/** Tear a connection down now (shutdown of the proxy). */
+export function destroyConnection(conn: Connection): void {
+  conn.client.destroy();
+  conn.backend?.destroy();
+}

@@ -1,0 +1,122 @@
+/**
+ * The CLI shell: parse the command line, collect the listening sockets, start the
+ * engine, and speak to the service manager (sd_notify, signals, exit codes).
+ * Everything it prints is one line; every failure exits 1.
+ */
+import module from 'node:module';
+import { basename } from 'node:path';
+import { takeListenFds, MSG_NO_SOCKETS } from './activation.ts';
+import { parseAddress, type Address } from './address.ts';
+import { helpText, parseArgv, type Options } from './args.ts';
+import { EINVAL, ProxyError } from './errors.ts';
+import { createLogger, LOG_ERR, type Logger } from './log.ts';
+import { armIdleTimer, closeProxy, createProxy, listenOnAddress, listenOnFd, type Proxy } from './proxy.ts';
+
+type NotifyModule = typeof import('./notify.ts');
+
+/** Loaded only when NOTIFY_SOCKET is set: nothing native or extra otherwise. */
+let notifier: NotifyModule | null = null;
+
+function notify(state: string): void {
+  notifier?.notify(state);
+}
+
+function programName(): string {
+  const script = process.argv[1] ?? '';
+  // Run as `node dist/cli.js` the script name says nothing; through the bin link it is ours.
+  return script === '' || /\.[cm]?[jt]s$/.test(script) ? 'socket-proxyd' : script;
+}
+
+function fail(logger: Logger, err: unknown): never {
+  if (err instanceof ProxyError) {
+    logger.log(LOG_ERR, err.message);
+    notify(`ERRNO=${err.errno}`);
+  } else {
+    logger.log(LOG_ERR, `Unexpected failure: ${err instanceof Error ? err.message : String(err)}`);
+    notify(`ERRNO=${EINVAL}`);
+  }
+  process.exit(1);
+}
+
+function printVersion(): void {
+  // Read lazily: only --version needs package.json.
+  const require = module.createRequire(import.meta.url);
+  const pkg = require('../package.json') as { name: string; version: string };
+  process.stdout.write(`${pkg.name} ${pkg.version}\n`);
+}
+
+
+async function loadNotifier(logger: Logger): Promise<void> {
+  if (!process.env.NOTIFY_SOCKET) return;
+  try {
+    notifier = await import('./notify.ts');
+    notifier.setNotifyErrorHandler((message) => logger.log(LOG_ERR, `Failed to notify the service manager: ${message}`));
+  } catch (err) {
+    logger.log(LOG_ERR, `Failed to load sd_notify support: ${err instanceof Error ? err.message : String(err)}`);
+  }
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const env = process.env;
+  const logger = createLogger(env);
+  await loadNotifier(logger);
+
+  let options: Options;
+  let target: Address;
+  let listen: Address[];
+  try {
+    const parsed = parseArgv(argv, programName(), env);
+    if (parsed.action === 'help') {
+      process.stdout.write(helpText(basename(programName())));
+      process.exit(0);
+    }
+    if (parsed.action === 'version') {
+      printVersion();
+      process.exit(0);
+    }
+    options = parsed.options;
+    target = parseAddress(options.target);
+    listen = options.listen.map((text) => parseAddress(text, true));
+  } catch (err) {
+    fail(logger, err);
+  }
+
+  let proxy: Proxy;
+  try {
+    const fds = takeListenFds(env, process.pid);
+    if (fds.length === 0 && listen.length === 0) throw new ProxyError('ERR_LISTEN_FDS', MSG_NO_SOCKETS, EINVAL);
+    proxy = createProxy({
+      target,
+      connectionsMax: options.connectionsMax,
+      exitIdleTimeUsec: options.exitIdleTimeUsec,
+      logger,
+      onIdle: stop,
+    });
+    for (const { fd } of fds) await listenOnFd(proxy, fd);
+    for (const address of listen) await listenOnAddress(proxy, address);
+  } catch (err) {
+    fail(logger, err);
+  }
+
+  function stop(): void {
+    closeProxy(proxy);
+    notify('STOPPING=1\nSTATUS=Shutting down...');
+    process.exit(0);
+  }
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+
+  // Connections already waiting in the backlog (the one that made systemd start us)
+  // are accepted in the first poll phase; arm the idle timer only after it, so that
+  // --exit-idle-time=0 does not exit before serving them.
+  setImmediate(armIdleTimer, proxy);
+
+  if (notifier !== null) {
+    notify('READY=1\nSTATUS=Processing requests...');
+    const period = notifier.watchdogPeriodMs(env, process.pid);
+    if (period !== null) {
+      notify('WATCHDOG=1');
+      setInterval(notify, period, 'WATCHDOG=1').unref();
+    }
+  }
+}

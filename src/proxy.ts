@@ -1,0 +1,237 @@
+/**
+ * The proxy engine: listening sockets, accept, the connection limit, idle exit
+ * and shutdown. One connection's forwarding lives in forward.ts.
+ *
+ * Accepting: Node's net.Server would wrap every accepted handle in a Socket that
+ * cannot read into our own buffers (`onread` is honoured only by the Socket
+ * constructor). So once a server is listening we take its handle's
+ * `onconnection` callback and build the one Socket per client ourselves. This is
+ * the same callback Node's own lib/net.js installs; it has been stable since
+ * Node 0.x, and `engines` pins the versions we test on.
+ */
+import { lookup, type LookupAddress } from 'node:dns';
+import { Server } from 'node:net';
+import { getSystemErrorName } from 'node:util';
+import { formatAddress, type Address } from './address.ts';
+import { MSG_NOT_STREAM } from './activation.ts';
+import { EINVAL, ENOTSOCK, ProxyError } from './errors.ts';
+import {
+  destroyConnection,
+  resolved,
+  startConnection,
+  type Connection,
+  type ConnectionOwner,
+  type StreamHandle,
+} from './forward.ts';
+import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
+import { strerror } from './strerror.ts';
+
+export interface ProxyOptions {
+  /** Where every connection goes. */
+  readonly target: Address;
+  /** Hard cap on connections open at once, counting those still connecting. */
+  readonly connectionsMax: number;
+  /** Exit after this long without connections (microseconds); null: never. */
+  readonly exitIdleTimeUsec: bigint | null;
+  readonly logger: Logger;
+  /** Called when the idle timer expires (the CLI exits 0). */
+  readonly onIdle?: () => void;
+}
+
+export interface Proxy extends ConnectionOwner {
+  readonly options: ProxyOptions;
+  readonly servers: Server[];
+  readonly connections: Set<Connection>;
+  idleTimer: NodeJS.Timeout | null;
+  /** When the idle period ends, in ms of performance.now(), for timers longer than setTimeout allows. */
+  idleDeadline: number;
+  closed: boolean;
+}
+
+const kProxy = Symbol('socket-proxyd.proxy');
+
+interface ServerHandle {
+  onconnection: (err: number, handle?: StreamHandle) => void;
+  [kProxy]?: Proxy;
+}
+
+/** setTimeout() cannot wait longer than this (2^31-1 ms, ~24.8 days). */
+const MAX_TIMER_MS = 0x7fffffff;
+
+/** A backlog Node passes to listen(2) again on an inherited socket: the kernel caps it at somaxconn. */
+const INHERITED_BACKLOG = 0x7fffffff;
+
+export function createProxy(options: ProxyOptions): Proxy {
+  const logger = options.logger;
+  const proxy: Proxy = {
+    options,
+    target: options.target,
+    log: logger.log.bind(logger),
+    release: releaseConnection,
+    resolve: resolveTarget,
+    servers: [],
+    connections: new Set(),
+    idleTimer: null,
+    idleDeadline: 0,
+    closed: false,
+  };
+  return proxy;
+}
+
+/** Start accepting on an inherited listening socket (socket activation). */
+export function listenOnFd(proxy: Proxy, fd: number): Promise<void> {
+  const server = new Server();
+  // Positional backlog: the `{fd, backlog}` option is ignored by Node, which would
+  // re-listen with 511 and silently shrink systemd's Backlog=.
+  return startServer(proxy, server, () => server.listen({ fd }, INHERITED_BACKLOG), (err) => {
+    // Datagram, seqpacket and connected sockets all fail in listen(): same words as the reference.
+    return new ProxyError('ERR_NOT_STREAM', `${MSG_NOT_STREAM}`, errnoOf(err) ?? ENOTSOCK);
+  });
+}
+
+/** Bind and listen ourselves (--listen=, for use without systemd). Resolves to the bound address. */
+export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096): Promise<void> {
+  const server = new Server();
+  const start =
+    address.kind === 'unix'
+      ? () => server.listen({ path: address.path, backlog })
+      : () => server.listen({ host: address.host, port: address.port, backlog, ipv6Only: false });
+  return startServer(proxy, server, start, (err) => {
+    return new ProxyError('ERR_LISTEN', `Failed to listen on ${formatAddress(address)}: ${strerror(err)}`, errnoOf(err) ?? EINVAL);
+  });
+}
+
+function errnoOf(err: unknown): number | undefined {
+  const errno = (err as { errno?: unknown }).errno;
+  return typeof errno === 'number' ? Math.abs(errno) : undefined;
+}
+
+function startServer(
+  proxy: Proxy,
+  server: Server,
+  start: () => void,
+  describe: (err: Error) => ProxyError,
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: Error): void => {
+      server.removeListener('listening', onListening);
+      reject(describe(err));
+    };
+    const onListening = (): void => {
+      server.removeListener('error', onError);
+      // 'listening' is emitted on the next tick after listen(2), before the loop can
+      // poll the socket, so no connection reaches Node's own accept callback.
+      const handle = (server as unknown as { _handle: ServerHandle | null })._handle as ServerHandle;
+      handle[kProxy] = proxy;
+      handle.onconnection = onConnection;
+      // Accept errors after start-up are logged, never fatal.
+      server.on('error', onServerError);
+      proxy.servers.push(server);
+      resolve();
+    };
+    server.once('error', onError);
+    server.once('listening', onListening);
+    start();
+  });
+}
+
+function onServerError(this: Server, err: Error): void {
+  // Unreachable in practice (we own onconnection), kept so an 'error' can never crash us.
+  void this;
+  void err;
+}
+
+/** Accept callback, with `this` the listening handle (see the module comment). */
+function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): void {
+  const proxy = this[kProxy] as Proxy;
+  if (err !== 0 || handle === undefined) {
+    // libuv already survives EMFILE by accepting and closing what it cannot serve
+    // (its reserve-fd trick), so this is no busy loop: one line per failed batch.
+    proxy.log(LOG_WARNING, `Failed to accept() socket: ${strerror({ code: getSystemErrorName(err) })}`);
+    return;
+  }
+  if (proxy.closed) {
+    handle.close();
+    return;
+  }
+  const logger = proxy.options.logger;
+  if (logger.maxLevel >= LOG_DEBUG) logger.log(LOG_DEBUG, `New connection from ${peerName(handle)}`);
+  if (proxy.connections.size >= proxy.options.connectionsMax) {
+    // Accept-then-close, as the reference: the client sees EOF (or RST if it already sent data).
+    handle.close();
+    logger.log(LOG_WARNING, 'Hit connection limit, refusing connection.');
+    return;
+  }
+  if (proxy.idleTimer !== null) {
+    clearTimeout(proxy.idleTimer);
+    proxy.idleTimer = null;
+  }
+  proxy.connections.add(startConnection(proxy, handle));
+}
+
+function peerName(handle: StreamHandle): string {
+  const out: Record<string, unknown> = {};
+  if (handle.getpeername !== undefined && handle.getpeername(out) === 0 && typeof out.address === 'string') {
+    const address = out.address.startsWith('::ffff:') && out.address.includes('.') ? out.address.slice(7) : out.address;
+    return out.family === 'IPv6' && address.includes(':') ? `[${address}]:${String(out.port)}` : `${address}:${String(out.port)}`;
+  }
+  return 'a UNIX socket';
+}
+
+function resolveTarget(this: Proxy, conn: Connection): void {
+  const target = this.target;
+  if (target.kind !== 'name') return;
+  if (this.options.logger.maxLevel >= LOG_DEBUG) {
+    this.log(LOG_DEBUG, `Looking up address info for ${target.host}:${target.port}`);
+  }
+  lookup(target.host, LOOKUP_OPTIONS, (err, addresses: LookupAddress[]) => {
+    resolved(conn, err, err === null ? addresses.map(addressOf) : []);
+  });
+}
+
+/** getaddrinfo(AF_UNSPEC) order, all addresses: we try each until one connects. */
+const LOOKUP_OPTIONS = { all: true, order: 'verbatim' } as const;
+
+function addressOf(a: LookupAddress): string {
+  return a.address;
+}
+
+function releaseConnection(this: Proxy, conn: Connection): void {
+  this.connections.delete(conn);
+  if (this.connections.size === 0) armIdleTimer(this);
+}
+
+/**
+ * (Re)start the idle timer: from start-up and whenever the last connection closes.
+ * An accepted connection stops it. Spans beyond setTimeout's limit are waited for
+ * in steps.
+ */
+export function armIdleTimer(proxy: Proxy): void {
+  const usec = proxy.options.exitIdleTimeUsec;
+  if (usec === null || proxy.closed || proxy.connections.size > 0) return;
+  if (proxy.idleTimer !== null) clearTimeout(proxy.idleTimer);
+  const ms = Number((usec + 999n) / 1000n);
+  proxy.idleDeadline = performance.now() + ms;
+  proxy.idleTimer = setTimeout(onIdleTimer, Math.min(ms, MAX_TIMER_MS), proxy);
+}
+
+function onIdleTimer(proxy: Proxy): void {
+  proxy.idleTimer = null;
+  if (proxy.connections.size > 0 || proxy.closed) return;
+  const left = proxy.idleDeadline - performance.now();
+  if (left > 1) {
+    proxy.idleTimer = setTimeout(onIdleTimer, Math.min(Math.ceil(left), MAX_TIMER_MS), proxy);
+    return;
+  }
+  proxy.options.onIdle?.();
+}
+
+/** Stop accepting and tear down every connection. */
+export function closeProxy(proxy: Proxy): void {
+  if (proxy.closed) return;
+  proxy.closed = true;
+  if (proxy.idleTimer !== null) clearTimeout(proxy.idleTimer);
+  proxy.idleTimer = null;
+  for (const server of proxy.servers) server.close();
+  for (const conn of proxy.connections) destroyConnection(conn);
+}
