@@ -1,0 +1,118 @@
+// Backends that every proxy forwards to: nginx (HTTP, on TCP and a UNIX socket), iperf3 (bulk),
+// and the Node echo server from bench/tools.ts (ping-pong, idle connections, smoke test).
+import { writeFileSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { start, freePort, waitTcpListening, waitFile, which } from './procs.ts';
+import type { Spawned } from './procs.ts';
+
+export const TOOLS = path.join(import.meta.dirname, 'tools.ts');
+
+export interface Backend {
+  port: number;
+  unixPath: string;
+  stop: () => Promise<void>;
+  alive: () => boolean;
+  log: () => string;
+}
+
+function alive(s: Spawned): () => boolean {
+  return () => s.child.exitCode === null && s.child.signalCode === null;
+}
+
+/** Node echo server, on TCP (port 0) or on a UNIX socket. */
+export async function startEcho(unixPath = ''): Promise<Backend> {
+  const s = start(process.execPath, [TOOLS, 'echo', ...(unixPath ? ['--unix', unixPath] : [])], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  const deadline = Date.now() + 5000;
+  while (Date.now() < deadline) {
+    const m = /READY (\{.*\})/.exec(s.stdout());
+    if (m) {
+      const info = JSON.parse(m[1] as string) as { port?: number; path?: string };
+      return {
+        port: info.port ?? 0,
+        unixPath,
+        alive: alive(s),
+        log: () => s.stderr(),
+        stop: () => s.stop(500),
+      };
+    }
+    if (!alive(s)()) break;
+    await sleep(10);
+  }
+  await s.stop(100);
+  throw new Error(`echo backend did not start: ${s.stderr()}`);
+}
+
+/** nginx serving a small fixed response, on 127.0.0.1:port and on a UNIX socket. */
+export async function startNginxHttp(dir: string): Promise<Backend> {
+  const nginx = which('nginx');
+  if (nginx === null) throw new Error('nginx not installed: run bench/setup.sh');
+  const port = await freePort();
+  const unixPath = path.join(dir, 'nginx-http.sock');
+  const tmp = path.join(dir, 'nginx-tmp');
+  mkdirSync(tmp, { recursive: true });
+  const cfg = path.join(dir, 'nginx-http.conf');
+  writeFileSync(
+    cfg,
+    [
+      'daemon off;',
+      'master_process off;',
+      'worker_processes 1;',
+      'worker_rlimit_nofile 20000;',
+      `pid ${dir}/nginx-http.pid;`,
+      `error_log ${dir}/nginx-http.log warn;`,
+      'events { worker_connections 16000; }',
+      'http {',
+      '  access_log off;',
+      // keep-alive connections must stay open for the whole run, or wrk would reconnect
+      '  keepalive_requests 100000000;',
+      '  keepalive_timeout 600s;',
+      `  client_body_temp_path ${tmp}/body;`,
+      `  proxy_temp_path ${tmp}/proxy;`,
+      `  fastcgi_temp_path ${tmp}/fastcgi;`,
+      `  uwsgi_temp_path ${tmp}/uwsgi;`,
+      `  scgi_temp_path ${tmp}/scgi;`,
+      '  server {',
+      `    listen 127.0.0.1:${port} backlog=4096;`,
+      `    listen unix:${unixPath} backlog=4096;`,
+      '    location / { default_type text/plain; return 200 "hello from nginx via the proxy under test\\n"; }',
+      '  }',
+      '}',
+      '',
+    ].join('\n'),
+  );
+  const s = start(nginx, ['-p', dir, '-e', `${dir}/nginx-http.log`, '-c', cfg]);
+  if (!(await waitTcpListening(port)) || !(await waitFile(unixPath))) {
+    await s.stop(100);
+    throw new Error(`nginx did not start: ${s.stderr()}`);
+  }
+  return { port, unixPath, alive: alive(s), log: () => s.stderr(), stop: () => s.stop(1000) };
+}
+
+/** iperf3 server (TCP only). One test at a time; restartable after a failed test. */
+export async function startIperf(): Promise<Backend & { restart: () => Promise<void> }> {
+  const bin = which('iperf3');
+  if (bin === null) throw new Error('iperf3 not installed: run bench/setup.sh');
+  const port = await freePort();
+  let s: Spawned | null = null;
+  const launch = async (): Promise<void> => {
+    s = start(bin, ['-s', '-B', '127.0.0.1', '-p', String(port)]);
+    if (!(await waitTcpListening(port))) throw new Error(`iperf3 -s did not start: ${s.stderr()}`);
+  };
+  await launch();
+  return {
+    port,
+    unixPath: '',
+    alive: () => s !== null && alive(s)(),
+    log: () => s?.stderr() ?? '',
+    stop: async () => {
+      await s?.stop(500);
+    },
+    restart: async () => {
+      await s?.stop(200);
+      await launch();
+    },
+  };
+}

@@ -1,0 +1,210 @@
+// The proxies under test. Ours and the reference are started by socket activation (the bench binds
+// the listening socket and passes it as fd 3); socat, haproxy and nginx-stream bind their own
+// loopback port from their own config. "direct" is no proxy at all: clients talk to the backend.
+import { existsSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { start, startActivated, sampleUsage, freePort, waitTcpListening, which } from './procs.ts';
+import type { Spawned, Usage } from './procs.ts';
+
+export const PROXY_NAMES = ['ours', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
+export type ProxyName = (typeof PROXY_NAMES)[number];
+
+export type Target = { kind: 'tcp'; port: number } | { kind: 'unix'; path: string };
+
+export const REPO = path.resolve(import.meta.dirname, '..');
+export const OURS_CLI = path.join(REPO, 'dist', 'cli.js');
+export const REF_BIN = '/lib/systemd/systemd-socket-proxyd';
+const NGINX_STREAM_MODULE = '/usr/lib/nginx/modules/ngx_stream_module.so';
+
+export interface RunningProxy {
+  name: ProxyName;
+  /** where clients connect: 127.0.0.1:port (for "direct" with a UNIX backend, see unixPath) */
+  port: number;
+  unixPath?: string;
+  pid: number;
+  usage: () => Usage;
+  alive: () => boolean;
+  log: () => string;
+  stop: () => Promise<void>;
+}
+
+export interface ProxyDef {
+  name: ProxyName;
+  activated: boolean;
+  /** why it cannot run here, or null */
+  unavailable: () => string | null;
+  start: (target: Target, dir: string, connMax: number) => Promise<RunningProxy>;
+}
+
+function targetArg(t: Target): string {
+  return t.kind === 'tcp' ? `127.0.0.1:${t.port}` : t.path;
+}
+
+function wrap(name: ProxyName, s: Spawned, port: number, tree: boolean): RunningProxy {
+  return {
+    name,
+    port,
+    pid: s.pid,
+    usage: () => sampleUsage(s.pid, tree),
+    alive: () => s.child.exitCode === null && s.child.signalCode === null,
+    log: () => (s.stdout() + s.stderr()).slice(-2000),
+    stop: () => s.stop(1000),
+  };
+}
+
+async function started(name: ProxyName, s: Spawned, port: number, tree: boolean): Promise<RunningProxy> {
+  if (!(await waitTcpListening(port, 5000))) {
+    await s.stop(100);
+    throw new Error(`${name} did not listen on 127.0.0.1:${port}: ${(s.stdout() + s.stderr()).slice(-500)}`);
+  }
+  return wrap(name, s, port, tree);
+}
+
+// With `--profile`, ours runs under `node --cpu-prof`; its SIGTERM handler exits through
+// process.exit(), which writes the profile.
+let profileDir: string | null = null;
+export function setProfileDir(dir: string | null): void {
+  profileDir = dir;
+}
+
+const ours: ProxyDef = {
+  name: 'ours',
+  activated: true,
+  unavailable: () => (existsSync(OURS_CLI) ? null : `${path.relative(REPO, OURS_CLI)} not built (npm run build)`),
+  start: async (t, _dir, connMax) => {
+    const prof = profileDir === null ? [] : ['--cpu-prof', `--cpu-prof-dir=${profileDir}`];
+    const s = await startActivated([process.execPath, ...prof, OURS_CLI, '-c', String(connMax), targetArg(t)]);
+    const p = wrap('ours', s, s.port, false);
+    // writing a profile takes a while
+    return profileDir === null ? p : { ...p, stop: () => s.stop(10000) };
+  },
+};
+
+const ref: ProxyDef = {
+  name: 'ref',
+  activated: true,
+  unavailable: () => (existsSync(REF_BIN) ? null : `${REF_BIN} not installed`),
+  start: async (t, _dir, connMax) => {
+    const s = await startActivated([REF_BIN, '-c', String(connMax), targetArg(t)]);
+    return wrap('ref', s, s.port, false);
+  },
+};
+
+const socat: ProxyDef = {
+  name: 'socat',
+  activated: false,
+  unavailable: () => (which('socat') ? null : 'socat not installed (bench/setup.sh)'),
+  start: async (t) => {
+    const port = await freePort();
+    const to = t.kind === 'tcp' ? `TCP:127.0.0.1:${t.port}` : `UNIX-CONNECT:${t.path}`;
+    // -b: socat's default 8 KiB transfer buffer would make it a strawman in the bulk tests.
+    const s = start('socat', ['-b', '131072', `TCP-LISTEN:${port},bind=127.0.0.1,reuseaddr,fork,backlog=4096`, to]);
+    // per-connection children: measure the whole tree (reaped children via cutime/cstime)
+    return started('socat', s, port, true);
+  },
+};
+
+const haproxy: ProxyDef = {
+  name: 'haproxy',
+  activated: false,
+  unavailable: () => (which('haproxy') ? null : 'haproxy not installed (bench/setup.sh)'),
+  start: async (t, dir) => {
+    const port = await freePort();
+    const cfg = path.join(dir, `haproxy-${port}.cfg`);
+    const server = t.kind === 'tcp' ? `127.0.0.1:${t.port}` : t.path;
+    writeFileSync(
+      cfg,
+      [
+        'global',
+        '  maxconn 9000', // 2 fds per connection: fits the 20,000 hard fd limit
+        '  nbthread 1', // single-threaded like the reference and ours
+        'defaults',
+        '  mode tcp',
+        '  timeout connect 5s',
+        '  timeout client 600s',
+        '  timeout server 600s',
+        'listen bench',
+        `  bind 127.0.0.1:${port}`,
+        '  maxconn 9000',
+        `  server s1 ${server} maxconn 9000`,
+        '',
+      ].join('\n'),
+    );
+    const s = start(which('haproxy') ?? 'haproxy', ['-db', '-q', '-f', cfg]);
+    return started('haproxy', s, port, true);
+  },
+};
+
+const nginxStream: ProxyDef = {
+  name: 'nginx-stream',
+  activated: false,
+  unavailable: () => {
+    if (!which('nginx')) return 'nginx not installed (bench/setup.sh)';
+    if (!existsSync(NGINX_STREAM_MODULE)) return 'libnginx-mod-stream not installed (bench/setup.sh)';
+    return null;
+  },
+  start: async (t, dir) => {
+    const port = await freePort();
+    const cfg = path.join(dir, `nginx-stream-${port}.conf`);
+    const upstream = t.kind === 'tcp' ? `127.0.0.1:${t.port}` : `unix:${t.path}`;
+    writeFileSync(
+      cfg,
+      [
+        `load_module ${NGINX_STREAM_MODULE};`,
+        'daemon off;',
+        'master_process off;', // one process: the worker is the one measured
+        'worker_processes 1;',
+        'worker_rlimit_nofile 20000;',
+        `pid ${dir}/nginx-stream-${port}.pid;`,
+        `error_log ${dir}/nginx-stream-${port}.log warn;`,
+        'events { worker_connections 19000; }',
+        'stream {',
+        '  server {',
+        `    listen 127.0.0.1:${port} backlog=4096;`,
+        `    proxy_pass ${upstream};`,
+        '    proxy_connect_timeout 5s;',
+        '    proxy_timeout 600s;',
+        '  }',
+        '}',
+        '',
+      ].join('\n'),
+    );
+    const s = start(which('nginx') ?? 'nginx', ['-p', dir, '-e', `${dir}/nginx-stream-${port}.log`, '-c', cfg]);
+    return started('nginx-stream', s, port, true);
+  },
+};
+
+/** No proxy: the client talks to the backend itself. A baseline for what the machine can do. */
+const direct: ProxyDef = {
+  name: 'direct',
+  activated: false,
+  unavailable: () => null,
+  start: async (t) => ({
+    name: 'direct',
+    port: t.kind === 'tcp' ? t.port : 0,
+    ...(t.kind === 'unix' ? { unixPath: t.path } : {}),
+    pid: 0,
+    usage: () => ({ cpuSec: 0, minflt: 0, rssKiB: 0, procs: 0 }),
+    alive: () => true,
+    log: () => '',
+    stop: async () => {},
+  }),
+};
+
+export const PROXIES: Record<ProxyName, ProxyDef> = {
+  ours,
+  ref,
+  socat,
+  haproxy,
+  'nginx-stream': nginxStream,
+  direct,
+};
+
+export function refVersion(): string {
+  try {
+    return execFileSync(REF_BIN, ['--version']).toString().split('\n')[0]?.trim() ?? '?';
+  } catch {
+    return 'not installed';
+  }
+}

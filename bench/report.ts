@@ -1,0 +1,222 @@
+// Results model, medians, markdown tables and bench/RESULTS.md.
+import { readFileSync, writeFileSync, existsSync } from 'node:fs';
+import os from 'node:os';
+import type { ProxyName } from './proxies.ts';
+
+export interface TargetSpec {
+  /** shown in the table, e.g. ">= 1.9x ref" */
+  text: string;
+  /** given the medians of ours and ref */
+  check: (ours: number, ref: number) => boolean;
+  /** the check compares with ref, so it cannot be judged without a result for ref */
+  needsRef: boolean;
+}
+
+export interface Row {
+  label: string;
+  digits: number;
+  values: Partial<Record<ProxyName, number[]>>;
+  /** text appended to a cell, e.g. "3333/8000 served" */
+  notes: Partial<Record<ProxyName, string>>;
+  /** show ours/ref (meaningless for e.g. error counts) */
+  ratio: boolean;
+  target?: TargetSpec;
+}
+
+export interface Section {
+  id: string;
+  /** for the targets summary */
+  short: string;
+  title: string;
+  when: string;
+  mode: string;
+  notes: string[];
+  rows: Row[];
+}
+
+export function newRow(label: string, digits: number, opts: { ratio?: boolean; target?: TargetSpec } = {}): Row {
+  return { label, digits, values: {}, notes: {}, ratio: opts.ratio ?? true, ...(opts.target ? { target: opts.target } : {}) };
+}
+
+export function push(row: Row, proxy: ProxyName, v: number): void {
+  if (!Number.isFinite(v)) return;
+  (row.values[proxy] ??= []).push(v);
+}
+
+export function median(xs: readonly number[] | undefined): number {
+  if (xs === undefined || xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+}
+
+function fmt(v: number, digits: number): string {
+  if (!Number.isFinite(v)) return '–';
+  if (Math.abs(v) >= 1000 && digits <= 1) return Math.round(v).toLocaleString('en-US');
+  return v.toFixed(digits);
+}
+
+function cell(row: Row, p: ProxyName, withRange: boolean): string {
+  const xs = row.values[p];
+  let s = fmt(median(xs), row.digits);
+  if (withRange && xs !== undefined && xs.length > 1) {
+    s += ` (${fmt(Math.min(...xs), row.digits)}–${fmt(Math.max(...xs), row.digits)})`;
+  }
+  const note = row.notes[p];
+  if (note) s += s === '–' ? ` ${note}`.trim() : ` ${note}`;
+  return s === '' ? '–' : s;
+}
+
+export interface TargetResult {
+  section: string;
+  label: string;
+  ours: string;
+  ref: string;
+  ratio: string;
+  target: string;
+  met: string;
+}
+
+export function evaluate(row: Row): { ratio: string; met: string } {
+  const o = median(row.values.ours);
+  const r = median(row.values.ref);
+  const ratio = row.ratio && Number.isFinite(o) && Number.isFinite(r) && r !== 0 ? `${(o / r).toFixed(2)}x` : '–';
+  let met = '';
+  if (row.target) {
+    if (!Number.isFinite(o)) met = 'n/a (no result for ours)';
+    else if (row.target.needsRef && !Number.isFinite(r)) met = 'n/a (no result for ref)';
+    else met = row.target.check(o, r) ? 'yes' : '**NO**';
+  }
+  return { ratio, met };
+}
+
+export function sectionTable(sec: Section, proxies: readonly ProxyName[]): string {
+  const others = proxies.filter((p) => p !== 'ours' && p !== 'ref');
+  const present = others.filter((p) => sec.rows.some((r) => r.values[p] !== undefined || r.notes[p] !== undefined));
+  const head = ['metric', 'ours', 'ref', 'ours/ref', 'target', 'met', ...present];
+  const lines = [`| ${head.join(' | ')} |`, `|${head.map((h) => (h === 'metric' ? '---' : '---:')).join('|')}|`];
+  for (const row of sec.rows) {
+    const { ratio, met } = evaluate(row);
+    lines.push(
+      `| ${[
+        row.label,
+        cell(row, 'ours', true),
+        cell(row, 'ref', true),
+        ratio,
+        row.target?.text ?? '',
+        met,
+        ...present.map((p) => cell(row, p, false)),
+      ].join(' | ')} |`,
+    );
+  }
+  return lines.join('\n');
+}
+
+export function sectionMarkdown(sec: Section, proxies: readonly ProxyName[]): string {
+  const notes = sec.notes.map((n) => `- ${n}`).join('\n');
+  return [
+    `### ${sec.title}`,
+    '',
+    `_${sec.when}, ${sec.mode}_`,
+    '',
+    sectionTable(sec, proxies),
+    '',
+    notes,
+    '',
+  ].join('\n');
+}
+
+export function targetsOf(sec: Section): TargetResult[] {
+  return sec.rows
+    .filter((r) => r.target !== undefined)
+    .map((r) => {
+      const { ratio, met } = evaluate(r);
+      return {
+        section: sec.short,
+        label: r.label,
+        ours: cell(r, 'ours', false),
+        ref: cell(r, 'ref', false),
+        ratio,
+        target: r.target?.text ?? '',
+        met,
+      };
+    });
+}
+
+export function targetsTable(rows: readonly TargetResult[]): string {
+  const lines = [
+    '| benchmark | metric | ours | ref | ours/ref | target | met |',
+    '|---|---|---:|---:|---:|---:|---:|',
+    ...rows.map((t) => `| ${t.section} | ${t.label} | ${t.ours} | ${t.ref} | ${t.ratio} | ${t.target} | ${t.met} |`),
+  ];
+  return lines.join('\n');
+}
+
+// ---------------------------------------------------------------- RESULTS.md
+// The file keeps one block per benchmark between markers, so that `--only NAME` replaces just
+// that benchmark's block and leaves the others (each block says when and how it was measured).
+// The targets summary at the top is rebuilt from the JSON each block carries in a comment.
+
+const BEGIN = (id: string): string => `<!-- bench:${id} -->`;
+const END = (id: string): string => `<!-- /bench:${id} -->`;
+
+export interface Machine {
+  lines: string[];
+}
+
+export function machineInfo(refVersion: string): Machine {
+  const cpu = os.cpus()[0]?.model ?? '?';
+  return {
+    lines: [
+      `- nproc: ${os.availableParallelism()}, memory: ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB`,
+      `- kernel: ${os.type()} ${os.release()}`,
+      `- CPU: ${cpu}`,
+      `- node: ${process.version} (${process.execPath.replace(/^.*\/node_modules\//, 'node_modules/')})`,
+      `- reference: \`/lib/systemd/systemd-socket-proxyd\`, ${refVersion}`,
+    ],
+  };
+}
+
+export function writeResults(file: string, sections: readonly Section[], order: readonly string[], proxies: readonly ProxyName[], machine: Machine, header: string): void {
+  const blocks = new Map<string, string>();
+  if (existsSync(file)) {
+    const old = readFileSync(file, 'utf8');
+    for (const id of order) {
+      const a = old.indexOf(BEGIN(id));
+      const b = old.indexOf(END(id));
+      if (a >= 0 && b > a) blocks.set(id, old.slice(a, b + END(id).length));
+    }
+  }
+  for (const sec of sections) {
+    const json = JSON.stringify(targetsOf(sec)).replaceAll('--', '\\u002d\\u002d');
+    blocks.set(sec.id, [BEGIN(sec.id), `<!-- targets:${json} -->`, sectionMarkdown(sec, proxies), END(sec.id)].join('\n'));
+  }
+  const targets: TargetResult[] = [];
+  for (const id of order) {
+    const m = /<!-- targets:(.*) -->/.exec(blocks.get(id) ?? '');
+    if (m) targets.push(...(JSON.parse(m[1] as string) as TargetResult[]));
+  }
+  const out = [
+    '# socket-proxyd benchmark results',
+    '',
+    header,
+    '',
+    `Last updated ${new Date().toISOString().replace(/\.\d+Z$/, 'Z')} on:`,
+    '',
+    ...machine.lines,
+    '',
+    '## Targets',
+    '',
+    targetsTable(targets),
+    '',
+    '## All results',
+    '',
+    'Cells are medians over the runs; for ours and ref the range (min–max) follows in parentheses.',
+    '',
+    ...order.flatMap((id) => {
+      const b = blocks.get(id);
+      return b ? [b, ''] : [];
+    }),
+  ].join('\n');
+  writeFileSync(file, out);
+}
