@@ -19,9 +19,22 @@ export function killGroup(child: ChildProcess, signal: NodeJS.Signals = 'SIGKILL
   }
 }
 
+const cleanups: (() => void)[] = [];
+/** Synchronous work for the end of the run, however it ends (removing the temp directory). */
+export function onCleanup(fn: () => void): void {
+  cleanups.push(fn);
+}
+
 export function killAll(): void {
   for (const c of live) killGroup(c, 'SIGKILL');
   live.clear();
+  for (const fn of cleanups.splice(0)) {
+    try {
+      fn();
+    } catch {
+      // best effort
+    }
+  }
 }
 
 let handlersInstalled = false;
@@ -297,4 +310,19 @@ export function foreignLoad(): { stop: () => number } {
       return wall > 0 ? Math.max(0, foreign / wall) : 0;
     },
   };
+}
+
+/**
+ * Waits until processes outside the bench use less than `cores` of CPU over a 0.5 s window, for at
+ * most maxMs. Returns the last load seen (so the caller can say the figures will be noisy).
+ */
+export async function waitQuiet(cores: number, maxMs: number): Promise<{ load: number; waitedMs: number }> {
+  const t0 = Date.now();
+  for (;;) {
+    const probe = foreignLoad();
+    await sleep(500);
+    const load = probe.stop();
+    const waitedMs = Date.now() - t0;
+    if (load < cores || waitedMs >= maxMs) return { load, waitedMs };
+  }
 }
