@@ -53,17 +53,20 @@ export function takeListenFds(env: Record<string, string | undefined>, pid: numb
   }
 
   const names = namesText === undefined ? [] : namesText.split(':');
-  const fds: ListenFd[] = [];
+  // First every fd must be open (sd_listen_fds() sets FD_CLOEXEC on each and fails
+  // on the first closed one), then each must be a socket.
+  const isSocket: boolean[] = [];
   for (let fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + n; fd++) {
-    let isSocket: boolean;
     try {
-      isSocket = fstatSync(fd).isSocket();
+      isSocket.push(fstatSync(fd).isSocket());
     } catch {
-      // sd_listen_fds() fails the same way: fd_cloexec() on a closed fd is EBADF.
       throw new ProxyError('ERR_LISTEN_FDS', MSG_RECEIVE_FAILED, EBADF);
     }
-    if (!isSocket) throw new ProxyError('ERR_NOT_STREAM', MSG_NOT_STREAM, ENOTSOCK);
-    fds.push({ fd, name: names[fd - SD_LISTEN_FDS_START] });
+  }
+  const fds: ListenFd[] = [];
+  for (let i = 0; i < n; i++) {
+    if (!isSocket[i]) throw new ProxyError('ERR_NOT_STREAM', MSG_NOT_STREAM, ENOTSOCK);
+    fds.push({ fd: SD_LISTEN_FDS_START + i, name: names[i] });
   }
   return fds;
 }

@@ -36,7 +36,19 @@ export interface ProxyOptions {
   readonly logger: Logger;
   /** Called when the idle timer expires (the CLI exits 0). */
   readonly onIdle?: () => void;
+  /**
+   * Resolver for host-name targets, called on every connection (default: dns.lookup,
+   * i.e. getaddrinfo). Embedders may plug in their own, e.g. for service discovery.
+   */
+  readonly lookup?: LookupFunction;
 }
+
+/** The dns.lookup shape we use: all addresses, in the resolver's order. */
+export type LookupFunction = (
+  host: string,
+  options: { all: true; order: 'verbatim' },
+  callback: (err: NodeJS.ErrnoException | null, addresses: LookupAddress[]) => void,
+) => void;
 
 export interface Proxy extends ConnectionOwner {
   readonly options: ProxyOptions;
@@ -184,7 +196,7 @@ function resolveTarget(this: Proxy, conn: Connection): void {
   if (this.options.logger.maxLevel >= LOG_DEBUG) {
     this.log(LOG_DEBUG, `Looking up address info for ${target.host}:${target.port}`);
   }
-  lookup(target.host, LOOKUP_OPTIONS, (err, addresses: LookupAddress[]) => {
+  (this.options.lookup ?? lookup)(target.host, LOOKUP_OPTIONS, (err, addresses: LookupAddress[]) => {
     resolved(conn, err, err === null ? addresses.map(addressOf) : []);
   });
 }

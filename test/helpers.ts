@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { createHash, randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { linkSync, readdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -39,11 +39,14 @@ export async function makeListener(spec: ListenSpec): Promise<Listener> {
   if (spec.kind === 'tcp') {
     server.listen({ host: spec.host ?? '127.0.0.1', port: 0, backlog: 4096 });
   } else if (spec.kind === 'unix') {
-    server.listen({ path: spec.path, backlog: 4096 });
+    // libuv unlinks a path socket when the server that bound it closes, and we close ours
+    // right after handing the fd over: bind a temporary name and hard-link the real one.
+    server.listen({ path: `${spec.path}.bind`, backlog: 4096 });
   } else {
     server.listen({ path: `\0${spec.name}`, backlog: 4096 });
   }
   await once(server, 'listening');
+  if (spec.kind === 'unix') linkSync(`${spec.path}.bind`, spec.path);
   // Nobody must accept on the test's side: the proxy gets the fd, we close ours after spawn.
   server.removeAllListeners('connection');
   const addr = server.address();

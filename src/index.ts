@@ -1,0 +1,26 @@
+/**
+ * socket-proxyd as a library: embed the proxy in a Node program.
+ *
+ *   import { createProxy, listenOnAddress, parseAddress, createLogger } from 'socket-proxyd';
+ *   const proxy = createProxy({ target: parseAddress('127.0.0.1:8080'), connectionsMax: 256,
+ *                               exitIdleTimeUsec: null, logger: createLogger(process.env) });
+ *   await listenOnAddress(proxy, parseAddress('127.0.0.1:80'));
+ *   ...
+ *   closeProxy(proxy);
+ */
+export { parseAddress, formatAddress, type Address } from './address.ts';
+export { takeListenFds, type ListenFd } from './activation.ts';
+export { parseArgv, helpText, type Options, type Parsed } from './args.ts';
+export { ProxyError, type ProxyErrorCode } from './errors.ts';
+export { createLogger, parseLogLevel, type Logger } from './log.ts';
+export {
+  armIdleTimer,
+  closeProxy,
+  createProxy,
+  listenOnAddress,
+  listenOnFd,
+  type LookupFunction,
+  type Proxy,
+  type ProxyOptions,
+} from './proxy.ts';
+export { parseSec, formatTimespan, USEC_INFINITY } from './timespan.ts';
