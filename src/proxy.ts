@@ -91,7 +91,7 @@ export function createProxy(options: ProxyOptions): Proxy {
 }
 
 /** Start accepting on an inherited listening socket (socket activation). */
-export function listenOnFd(proxy: Proxy, fd: number): Promise<void> {
+export function listenOnFd(proxy: Proxy, fd: number): Promise<Server> {
   const server = new Server();
   // Positional backlog: the `{fd, backlog}` option is ignored by Node, which would
   // re-listen with 511 and silently shrink systemd's Backlog=.
@@ -101,8 +101,8 @@ export function listenOnFd(proxy: Proxy, fd: number): Promise<void> {
   });
 }
 
-/** Bind and listen ourselves (--listen=, for use without systemd). Resolves to the bound address. */
-export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096): Promise<void> {
+/** Bind and listen ourselves (--listen=, for use without systemd). Resolves to the listening server. */
+export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096): Promise<Server> {
   const server = new Server();
   const start =
     address.kind === 'unix'
@@ -123,7 +123,7 @@ function startServer(
   server: Server,
   start: () => void,
   describe: (err: Error) => ProxyError,
-): Promise<void> {
+): Promise<Server> {
   return new Promise((resolve, reject) => {
     const onError = (err: Error): void => {
       server.removeListener('listening', onListening);
@@ -139,7 +139,7 @@ function startServer(
       // Accept errors after start-up are logged, never fatal.
       server.on('error', onServerError);
       proxy.servers.push(server);
-      resolve();
+      resolve(server);
     };
     server.once('error', onError);
     server.once('listening', onListening);
