@@ -3,7 +3,7 @@
 // in the machine's state over the run affects all of them alike.
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { foreignLoad, runBounded, start, listenLoopback, which } from './procs.ts';
+import { ACTIVATE_SCRIPT, foreignLoad, runBounded, start, listenLoopback, which } from './procs.ts';
 import type { Usage } from './procs.ts';
 import { PROXIES, OURS_CLI, REF_BIN } from './proxies.ts';
 import type { ProxyName, RunningProxy, Target } from './proxies.ts';
@@ -504,6 +504,7 @@ export async function benchColdstart(cfg: Config): Promise<Section> {
   sec.mode = `${cfg.quick ? 'quick' : 'full'} mode, ${cfg.coldIters} iterations`;
   const names = cfg.proxies.filter((p) => p === 'ours' || p === 'ref');
   const bare = newRow('bare `node -e 0` (spawn → exit), ms', 1, { ratio: false });
+  // same wrapper as the proxies minus the activation: sh, trap, ulimit, exec
   const cold = newRow('exec → first byte forwarded, ms', 1);
   let pending: ((t: bigint) => void) | null = null;
   const backend = net.createServer((c) => {
@@ -523,7 +524,7 @@ export async function benchColdstart(cfg: Config): Promise<Section> {
       // bare node
       {
         const t0 = process.hrtime.bigint();
-        const s = start('/bin/sh', ['-c', 'exec "$@"', 'sh', process.execPath, '-e', '0']);
+        const s = start('/bin/sh', ['-c', 'trap "" PIPE; ulimit -n "$(ulimit -Hn)"; exec "$@"', 'sh', process.execPath, '-e', '0']);
         await Promise.race([s.exited, sleep(5000)]);
         push(bare, 'ours', Number(process.hrtime.bigint() - t0) / 1e6);
         await s.stop(100);
@@ -535,7 +536,7 @@ export async function benchColdstart(cfg: Config): Promise<Section> {
         });
         const { server, port, fd } = await listenLoopback();
         const t0 = process.hrtime.bigint();
-        const s = start('/bin/sh', ['-c', 'LISTEN_PID=$$ exec "$@"', 'sh', ...argv(name)], {
+        const s = start('/bin/sh', ['-c', ACTIVATE_SCRIPT, 'sh', ...argv(name)], {
           stdio: ['ignore', 'pipe', 'pipe', fd],
           env: { ...process.env, LISTEN_FDS: '1' },
         });

@@ -121,12 +121,15 @@ export async function listenLoopback(backlog = 4096): Promise<{ server: net.Serv
  * Starts `argv` by socket activation: the listening socket becomes fd 3, LISTEN_FDS=1 and
  * LISTEN_PID is the pid of the exec'd program (sh sets it to its own pid and then execs).
  * The soft fd limit is raised to the hard limit for every proxy alike (Node does that by itself;
- * the reference does not).
+ * the reference does not). SIGPIPE is ignored, as systemd does for every unit (IgnoreSIGPIPE=yes
+ * by default; an ignored signal stays ignored across exec): without that the reference v252 dies
+ * of SIGPIPE when it splice()s into a socket whose peer has gone (seen with iperf3 -P 8).
  */
+export const ACTIVATE_SCRIPT = 'trap "" PIPE; ulimit -n "$(ulimit -Hn)"; LISTEN_PID=$$ exec "$@"';
+
 export async function startActivated(argv: string[], env: NodeJS.ProcessEnv = {}): Promise<Spawned & { port: number }> {
   const { server, port, fd } = await listenLoopback();
-  const script = 'ulimit -n "$(ulimit -Hn)"; LISTEN_PID=$$ exec "$@"';
-  const s = start('/bin/sh', ['-c', script, 'sh', ...argv], {
+  const s = start('/bin/sh', ['-c', ACTIVATE_SCRIPT, 'sh', ...argv], {
     stdio: ['ignore', 'pipe', 'pipe', fd],
     env: { ...process.env, ...env, LISTEN_FDS: '1' },
   });

@@ -48,7 +48,10 @@ function wrap(name: ProxyName, s: Spawned, port: number, tree: boolean): Running
     pid: s.pid,
     usage: () => sampleUsage(s.pid, tree),
     alive: () => s.child.exitCode === null && s.child.signalCode === null,
-    log: () => (s.stdout() + s.stderr()).slice(-2000),
+    log: () => {
+      const how = s.child.signalCode !== null ? `[killed by ${s.child.signalCode}] ` : s.child.exitCode !== null ? `[exit status ${s.child.exitCode}] ` : '';
+      return how + (s.stdout() + s.stderr()).slice(-2000);
+    },
     stop: () => s.stop(1000),
   };
 }
