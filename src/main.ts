@@ -27,12 +27,26 @@ function programName(): string {
   return script === '' || /\.[cm]?[jt]s$/.test(script) ? 'socket-proxyd' : script;
 }
 
+/**
+ * Messages quote what the user typed, and an argument may hold a newline or an escape
+ * sequence: C-escape control characters (as systemd's cescape() would) so that a failure
+ * is always exactly one line.
+ */
+function oneLine(message: string): string {
+  return message.replace(/[\x00-\x1f\x7f]/g, (c) => {
+    if (c === '\n') return '\\n';
+    if (c === '\t') return '\\t';
+    if (c === '\r') return '\\r';
+    return `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`;
+  });
+}
+
 function fail(logger: Logger, err: unknown): never {
   if (err instanceof ProxyError) {
-    logger.log(LOG_ERR, err.message);
+    logger.log(LOG_ERR, oneLine(err.message));
     notify(`ERRNO=${err.errno}`);
   } else {
-    logger.log(LOG_ERR, `Unexpected failure: ${err instanceof Error ? err.message : String(err)}`);
+    logger.log(LOG_ERR, oneLine(`Unexpected failure: ${err instanceof Error ? err.message : String(err)}`));
     notify(`ERRNO=${EINVAL}`);
   }
   process.exit(1);
