@@ -27,15 +27,18 @@ export interface Logger {
   log(level: number, message: string): void;
 }
 
-/** systemd's log_level_from_string(): a name, or a number 0..7. Returns -1 if invalid. */
+/**
+ * systemd's log_level_from_string(): a name, or a number 0..7 as safe_atou() reads it
+ * (leading white space and "+" allowed, base from the prefix: "0x7", "07"). Names are
+ * case-sensitive, as in systemd ("err", not "error"). Returns -1 if invalid.
+ */
 export function parseLogLevel(text: string): number {
   const byName = LEVEL_NAMES.indexOf(text);
   if (byName >= 0) return byName;
-  if (/^[0-9]+$/.test(text)) {
-    const n = Number(text);
-    if (n <= LOG_DEBUG) return n;
-  }
-  return -1;
+  const m = /^[ \t\n\v\f\r]*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(text);
+  if (m === null) return -1;
+  const n = m[1] !== undefined ? parseInt(m[1], 16) : m[2] !== undefined ? parseInt(m[2], 8) : Number(m[3]);
+  return n <= LOG_DEBUG ? n : -1;
 }
 
 /** True when fd 2 is the journal stream systemd connected us to. */
@@ -66,21 +69,16 @@ function stderrLog(this: StderrLogger, level: number, message: string): void {
 }
 
 export function createLogger(env: Record<string, string | undefined>): Logger {
-  let maxLevel = LOG_INFO;
   const wanted = env.SYSTEMD_LOG_LEVEL;
-  let bad = false;
-  if (wanted !== undefined && wanted !== '') {
-    const parsed = parseLogLevel(wanted);
-    if (parsed >= 0) maxLevel = parsed;
-    else bad = true;
-  }
+  // As log_parse_environment(): set but unparsable (even empty) is reported and ignored.
+  const parsed = wanted === undefined ? LOG_INFO : parseLogLevel(wanted);
+  const bad = parsed < 0;
   const logger: StderrLogger = {
-    maxLevel,
+    maxLevel: bad ? LOG_INFO : parsed,
     prefix: stderrIsJournal(env.JOURNAL_STREAM),
     log: stderrLog,
   };
-  // systemd ignores an unparsable level after saying so (at debug level); we say it at warning
-  // level because a typo in a unit file's Environment= should be visible.
-  if (bad) logger.log(LOG_WARNING, `Failed to parse log level '${wanted}', ignoring.`);
+  // systemd's words and level (a warning), so a typo in Environment= is visible.
+  if (bad) logger.log(LOG_WARNING, `Failed to parse log level '${wanted}'. Ignoring.`);
   return logger;
 }

@@ -1,0 +1,278 @@
+/**
+ * The documentation a sysadmin relies on when swapping systemd-socket-proxyd for
+ * socket-proxyd: the unit files in examples/ and the man page man/socket-proxyd.8.
+ *
+ * - examples/: `systemd-analyze verify` must accept every unit without a word. verify
+ *   insists that ExecStart='s binary exists, and /usr/local/bin/socket-proxyd is not
+ *   installed here, so the test verifies copies of the real files in which only that
+ *   path is rewritten to an executable wrapper around dist/cli.js (a control run shows
+ *   the unrewritten copy is refused for exactly that reason). nginx.service is a stub
+ *   in the same directory (verify adds the units' directory to its search path), so the
+ *   result does not depend on whether nginx is installed; the examples' own
+ *   nginx.service.d/ drop-ins are loaded onto it (a control run proves it).
+ *   The ExecStart= command lines must also be accepted by our CLI and serve traffic.
+ * - man page: groff -man -ww renders it without warnings, and it documents every
+ *   option --help lists, the environment, exit status, examples and differences.
+ *
+ * Missing tools (groff, systemd-analyze) fail the test loudly; nothing is skipped.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { helpText } from '../src/args.ts';
+import { OURS, ROOT, echo, roundTrip, startBackend, startProxy, tempDir } from './helpers.ts';
+
+const EXAMPLES = join(ROOT, 'examples');
+const MAN_PAGE = join(ROOT, 'man', 'socket-proxyd.8');
+/** Where the examples say the proxy is installed. */
+const INSTALLED = '/usr/local/bin/socket-proxyd';
+
+const tmp = tempDir();
+process.on('exit', () => tmp.cleanup());
+
+/** Run a tool; a missing tool is a failure with a hint, never a skip. */
+function run(cmd: string, args: string[], hint: string): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LC_ALL: 'C.UTF-8', MANWIDTH: '80' } });
+  if (r.error !== undefined) assert.fail(`${cmd} could not be run (${r.error.message}): ${hint}`);
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function filesUnder(dir: string): string[] {
+  return readdirSync(dir, { recursive: true, encoding: 'utf8' })
+    .filter((f) => statSync(join(dir, f)).isFile())
+    .sort();
+}
+
+/** Non-comment, non-empty lines of a unit file. */
+function directives(path: string): string[] {
+  return readFileSync(path, 'utf8')
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '' && !l.startsWith('#'));
+}
+
+function execStart(path: string): string[] {
+  const line = directives(path).find((l) => l.startsWith('ExecStart='));
+  assert.ok(line !== undefined, `${path} has ExecStart=`);
+  return line.slice('ExecStart='.length).split(/\s+/);
+}
+
+const EXPECTED_FILES: Record<string, string[]> = {
+  'nginx-unix': ['nginx.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
+  'nginx-namespace': ['nginx.conf', 'nginx.service.d/private-network.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
+  'idle-exit': ['nginx.conf', 'nginx.service.d/stop-when-unneeded.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
+};
+
+// ---------------------------------------------------------------------------------------------
+// examples/
+
+test('examples/: the man page\'s two examples plus the idle-exit one, all Type=notify', () => {
+  assert.deepEqual(readdirSync(EXAMPLES).sort(), Object.keys(EXPECTED_FILES).sort());
+  for (const [dir, files] of Object.entries(EXPECTED_FILES)) {
+    assert.deepEqual(filesUnder(join(EXAMPLES, dir)), files, dir);
+    const service = directives(join(EXAMPLES, dir, 'proxy-to-nginx.service'));
+    for (const want of ['Type=notify', 'Requires=nginx.service', 'After=nginx.service', 'Requires=proxy-to-nginx.socket', 'PrivateNetwork=yes']) {
+      assert.ok(service.includes(want), `${dir}: ${want}`);
+    }
+    assert.equal(execStart(join(EXAMPLES, dir, 'proxy-to-nginx.service'))[0], INSTALLED, `${dir}: ExecStart= runs ${INSTALLED}`);
+    assert.deepEqual(directives(join(EXAMPLES, dir, 'proxy-to-nginx.socket')), ['[Socket]', 'ListenStream=80', '[Install]', 'WantedBy=sockets.target']);
+  }
+  assert.deepEqual(execStart(join(EXAMPLES, 'nginx-unix', 'proxy-to-nginx.service')).slice(1), ['/run/nginx/socket']);
+  const ns = directives(join(EXAMPLES, 'nginx-namespace', 'proxy-to-nginx.service'));
+  assert.ok(ns.includes('JoinsNamespaceOf=nginx.service'));
+  assert.deepEqual(execStart(join(EXAMPLES, 'nginx-namespace', 'proxy-to-nginx.service')).slice(1), ['127.0.0.1:8080']);
+  assert.ok(directives(join(EXAMPLES, 'nginx-namespace', 'nginx.service.d', 'private-network.conf')).includes('PrivateNetwork=yes'));
+  const idleArgs = execStart(join(EXAMPLES, 'idle-exit', 'proxy-to-nginx.service')).slice(1);
+  assert.ok(idleArgs.some((a) => a.startsWith('--exit-idle-time=')), 'idle-exit passes --exit-idle-time=');
+  assert.deepEqual(directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf')), ['[Unit]', 'StopWhenUnneeded=yes']);
+});
+
+/**
+ * Copy one example to a fresh directory, with a stub nginx.service beside it and, unless
+ * `rewrite` is false, ExecStart='s binary pointed at an executable wrapper of dist/cli.js.
+ */
+function stage(dir: string, name: string, rewrite = true): { where: string; units: string[] } {
+  const where = join(tmp.dir, name);
+  cpSync(join(EXAMPLES, dir), where, { recursive: true });
+  const bin = join(tmp.dir, 'bin', 'socket-proxyd');
+  if (!existsSync(bin)) {
+    mkdirSync(join(tmp.dir, 'bin'), { recursive: true });
+    writeFileSync(bin, `#!/bin/sh\nexec '${process.execPath}' '${OURS}' "$@"\n`);
+    chmodSync(bin, 0o755);
+  }
+  writeFileSync(join(where, 'nginx.service'), '[Unit]\nDescription=stand-in for verification\n\n[Service]\nExecStart=/bin/true\n');
+  const units = ['proxy-to-nginx.socket', 'proxy-to-nginx.service'].map((u) => join(where, u));
+  if (rewrite) {
+    const service = units[1] as string;
+    const text = readFileSync(service, 'utf8');
+    assert.ok(text.includes(`ExecStart=${INSTALLED} `));
+    writeFileSync(service, text.replaceAll(`ExecStart=${INSTALLED} `, `ExecStart=${bin} `));
+  }
+  return { where, units };
+}
+
+function verify(units: string[]): { status: number | null; stderr: string } {
+  const r = run('systemd-analyze', ['verify', ...units], 'systemd-analyze (package systemd) is needed to check examples/');
+  return { status: r.status, stderr: r.stdout + r.stderr };
+}
+
+test('examples/: systemd-analyze verify accepts every unit (copies with ExecStart= pointed at an existing binary)', () => {
+  for (const dir of Object.keys(EXPECTED_FILES)) {
+    const { units } = stage(dir, `verify-${dir}`);
+    const r = verify(units);
+    assert.equal(r.stderr, '', `${dir}: systemd-analyze verify says nothing`);
+    assert.equal(r.status, 0, dir);
+  }
+});
+
+test('examples/: the verification is real (controls: missing binary, unknown key, drop-ins are read)', () => {
+  // As shipped, ExecStart='s binary is not installed here: verify refuses it.
+  const asShipped = verify(stage('nginx-unix', 'control-unrewritten', false).units);
+  assert.notEqual(asShipped.status, 0);
+  assert.match(asShipped.stderr, new RegExp(`Command ${INSTALLED} is not executable`));
+
+  // A misspelled directive in the service is reported (so an empty stderr means something).
+  const typo = stage('nginx-namespace', 'control-typo');
+  const service = typo.units[1] as string;
+  writeFileSync(service, readFileSync(service, 'utf8').replace(/^JoinsNamespaceOf=/m, 'JoinNamespaceOf='));
+  assert.match(verify(typo.units).stderr, /Unknown key 'JoinNamespaceOf'/);
+
+  // The examples' nginx.service.d/ drop-ins are loaded onto nginx.service.
+  const dropIn = stage('idle-exit', 'control-dropin');
+  const conf = join(dropIn.where, 'nginx.service.d', 'stop-when-unneeded.conf');
+  writeFileSync(conf, readFileSync(conf, 'utf8').replace(/^StopWhenUnneeded=/m, 'StopWhenUneeded='));
+  assert.match(verify(dropIn.units).stderr, /stop-when-unneeded\.conf:\d+: Unknown key 'StopWhenUneeded'/);
+});
+
+test('examples/: each ExecStart= command line is accepted by socket-proxyd and serves traffic', async () => {
+  const sock = join(tmp.dir, 'nginx.sock');
+  const unixBackend = await startBackend(echo, { path: sock });
+  const tcpBackend = await startBackend(echo);
+  try {
+    for (const dir of Object.keys(EXPECTED_FILES)) {
+      // Same options; only the target moves to a test backend (/run/nginx/socket, 127.0.0.1:8080).
+      const args = execStart(join(EXAMPLES, dir, 'proxy-to-nginx.service'))
+        .slice(1)
+        .map((a) => (a === '/run/nginx/socket' ? sock : a === '127.0.0.1:8080' ? tcpBackend.address : a));
+      const p = await startProxy({ args, listen: [{ kind: 'tcp' }] });
+      try {
+        const r = await roundTrip(p.listeners[0]!.connectOptions, Buffer.from(`via ${dir}`), 5000);
+        assert.equal(r.data.toString(), `via ${dir}`, `${dir}: ${args.join(' ')}; stderr: ${p.stderr()}`);
+        assert.equal(p.stderr(), '');
+      } finally {
+        await p.stop();
+      }
+    }
+  } finally {
+    await unixBackend.close();
+    await tcpBackend.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// man/socket-proxyd.8
+
+/** The page as plain text (no bold/underline), 80 columns. */
+function renderMan(): string {
+  const r = run('groff', ['-man', '-Tascii', '-P-c', '-P-b', '-P-u', '-rLL=80n', MAN_PAGE], 'apt-get install groff-base');
+  assert.equal(r.status, 0, r.stderr);
+  return r.stdout;
+}
+
+/** The text of one top-level section of the rendered page. */
+function section(text: string, title: string): string {
+  const lines = text.split('\n');
+  const start = lines.indexOf(title);
+  assert.ok(start >= 0, `section ${title} exists`);
+  const end = lines.findIndex((l, i) => i > start && /^[A-Z]/.test(l));
+  return lines.slice(start + 1, end < 0 ? undefined : end).join('\n');
+}
+
+const squash = (s: string): string => s.replace(/\s+/g, ' ');
+
+test('man page: groff -man -ww renders it without a single warning', () => {
+  const r = run('groff', ['-man', '-Tutf8', '-ww', '-z', MAN_PAGE], 'groff is needed to check the man page: apt-get install groff-base');
+  assert.equal(r.stderr, '', 'no warnings');
+  assert.equal(r.status, 0);
+  // Control: the same check does report a broken page.
+  const broken = join(tmp.dir, 'broken.8');
+  writeFileSync(broken, `${readFileSync(MAN_PAGE, 'utf8')}\n.XYZZY\n\\fBunclosed\n`);
+  const b = run('groff', ['-man', '-Tutf8', '-ww', '-z', broken], 'apt-get install groff-base');
+  assert.match(b.stderr, /warning/);
+  // man(1) renders it too (the way users read it).
+  const m = run('man', ['-l', MAN_PAGE], 'man-db is needed: apt-get install man-db');
+  assert.equal(m.status, 0, m.stderr);
+  assert.match(m.stdout, /socket-proxyd/);
+});
+
+test('man page: documents exactly the options of --help, with the same synopsis and defaults', () => {
+  const help = helpText('socket-proxyd');
+  const text = renderMan();
+  const helpLong = [...new Set(help.match(/--[a-z][a-z-]*/g) ?? [])].sort();
+  assert.deepEqual(helpLong, ['--connections-max', '--exit-idle-time', '--help', '--listen', '--version']);
+  const options = section(text, 'OPTIONS');
+  // Option tags are the lines indented by exactly 7 spaces.
+  const tags = options.split('\n').filter((l) => /^ {7}-/.test(l));
+  const manLong = [...new Set(tags.join(' ').match(/--[a-z][a-z-]*/g) ?? [])].sort();
+  assert.deepEqual(manLong, helpLong, 'the same long options');
+  const helpShort = [...new Set(help.match(/(?<=^ {2})-[a-z]\b/gm) ?? [])].sort();
+  assert.deepEqual(helpShort, ['-c', '-h']);
+  for (const short of helpShort) assert.ok(tags.some((t) => t.trimStart().startsWith(short)), `${short} documented`);
+  // Synopsis: the same two forms as --help's first lines.
+  const synopsis = squash(section(text, 'SYNOPSIS'));
+  for (const line of help.split('\n').slice(0, 2)) assert.ok(synopsis.includes(squash(line)), `synopsis has: ${line}`);
+  // The default connection limit agrees.
+  assert.match(help, /default: 256/);
+  assert.match(squash(options), /default: 256/);
+  // The version in the title line is the package's.
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string; man: string[] };
+  assert.match(text.trimEnd().split('\n').at(-1) ?? '', new RegExp(`socket-proxyd ${pkg.version.replaceAll('.', '\\.')}\\b`));
+  assert.deepEqual(pkg.man, ['./man/socket-proxyd.8']);
+});
+
+test('man page: sections, environment, exit status, examples and differences from v252', () => {
+  const text = renderMan();
+  for (const title of ['NAME', 'SYNOPSIS', 'DESCRIPTION', 'OPTIONS', 'EXIT STATUS', 'ENVIRONMENT', 'EXAMPLES', 'DIFFERENCES FROM SYSTEMD-SOCKET-PROXYD 252', 'SEE ALSO']) {
+    section(text, title);
+  }
+  const env = section(text, 'ENVIRONMENT');
+  for (const v of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES', 'NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'SYSTEMD_LOG_LEVEL', 'JOURNAL_STREAM']) {
+    assert.match(env, new RegExp(`^ {7}.*\\b${v}\\b`, 'm'), `${v} is an entry of ENVIRONMENT`);
+  }
+  for (const word of ['READY=1', 'STOPPING=1', 'ERRNO=', 'WATCHDOG=1', '<3>', '<4>']) assert.ok(env.includes(word), `ENVIRONMENT mentions ${word}`);
+  const exit = section(text, 'EXIT STATUS');
+  assert.match(exit, /^ {7}0\b/m);
+  assert.match(exit, /^ {7}1\b/m);
+
+  // Every directive of the examples' services and drop-ins is shown in EXAMPLES.
+  const examples = section(text, 'EXAMPLES');
+  const shown = new Set(examples.split('\n').map((l) => l.trim()));
+  for (const dir of Object.keys(EXPECTED_FILES)) {
+    for (const file of ['proxy-to-nginx.service', 'proxy-to-nginx.socket']) {
+      for (const line of directives(join(EXAMPLES, dir, file))) {
+        assert.ok(shown.has(line), `EXAMPLES shows ${relative(EXAMPLES, join(EXAMPLES, dir, file))}: ${line}`);
+      }
+    }
+  }
+  for (const line of directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf'))) assert.ok(shown.has(line), line);
+  assert.ok(shown.has('JoinsNamespaceOf=nginx.service'));
+
+  const diff = squash(section(text, 'DIFFERENCES FROM SYSTEMD-SOCKET-PROXYD 252'));
+  for (const point of [
+    'hard cap',
+    'half-close',
+    'READY=1 and STOPPING=1 are sent',
+    '[::1]:80',
+    'tried in order',
+    'refused at start-up',
+    'also armed at start-up',
+    'somaxconn',
+    'busy-looping',
+    'SIGTERM and SIGINT are handled',
+    'a UNIX socket',
+  ]) {
+    assert.ok(diff.includes(point), `DIFFERENCES mentions: ${point}`);
+  }
+});
