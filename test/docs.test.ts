@@ -13,6 +13,7 @@
  *   The ExecStart= command lines must also be accepted by our CLI and serve traffic.
  * - man page: groff -man -ww renders it without warnings, and it documents every
  *   option --help lists, the environment, exit status, examples and differences.
+ * - README.md: names every option of --help and shows only ExecStart= lines of examples/.
  *
  * Missing tools (groff, systemd-analyze) fail the test loudly; nothing is skipped.
  */
@@ -275,4 +276,17 @@ test('man page: sections, environment, exit status, examples and differences fro
   ]) {
     assert.ok(diff.includes(point), `DIFFERENCES mentions: ${point}`);
   }
+});
+
+test('README agrees: the options of --help, and it points to the man page and examples/ that exist', () => {
+  const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+  for (const option of new Set(helpText('socket-proxyd').match(/--[a-z][a-z-]*/g) ?? [])) {
+    assert.ok(readme.includes(option), `README mentions ${option}`);
+  }
+  assert.ok(readme.includes('man/socket-proxyd.8') && existsSync(MAN_PAGE));
+  assert.ok(readme.includes('examples/') && existsSync(EXAMPLES));
+  // The example in the README is one of ours, verbatim.
+  const shown = readme.match(/^ExecStart=.*$/gm) ?? [];
+  const ours = Object.keys(EXPECTED_FILES).map((dir) => `ExecStart=${execStart(join(EXAMPLES, dir, 'proxy-to-nginx.service')).join(' ')}`);
+  for (const line of shown) assert.ok(ours.includes(line), `README's ${line} is one of examples/`);
 });
