@@ -4,6 +4,8 @@
  * Everything it prints is one line; every failure exits 1.
  */
 import module from 'node:module';
+import { lstatSync, unlinkSync } from 'node:fs';
+import { connect } from 'node:net';
 import { basename } from 'node:path';
 import { takeListenFds, MSG_NO_SOCKETS } from './activation.ts';
 import { parseAddress, type Address } from './address.ts';
@@ -59,7 +61,6 @@ function printVersion(): void {
   process.stdout.write(`${pkg.name} ${pkg.version}\n`);
 }
 
-
 async function loadNotifier(logger: Logger): Promise<void> {
   if (!process.env.NOTIFY_SOCKET) return;
   try {
@@ -70,7 +71,50 @@ async function loadNotifier(logger: Logger): Promise<void> {
   }
 }
 
+let proxy: Proxy | null = null;
+/** UNIX socket paths we bound ourselves (--listen=/path): removed again on exit. */
+const boundPaths: string[] = [];
+
+/** SIGTERM/SIGINT and idle expiry: stop accepting, close everything, exit 0. */
+function stop(): void {
+  if (proxy !== null) closeProxy(proxy);
+  // libuv would unlink these when the servers finish closing, but we exit first.
+  for (const path of boundPaths) {
+    try {
+      unlinkSync(path);
+    } catch {
+      // already gone
+    }
+  }
+  notify('STOPPING=1\nSTATUS=Shutting down...');
+  process.exit(0);
+}
+
+/**
+ * A socket file left behind by a process that died (SIGKILL, crash) makes bind()
+ * fail with EADDRINUSE. Remove it only if nobody accepts on it any more.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  try {
+    if (!lstatSync(path).isSocket()) return;
+  } catch {
+    return;
+  }
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = connect({ path });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', (err: NodeJS.ErrnoException) => resolve(err.code !== 'ECONNREFUSED'));
+  });
+  if (!live) unlinkSync(path);
+}
+
 export async function main(argv: string[]): Promise<void> {
+  // Handlers first: a stop request during start-up is a clean stop too.
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
   const env = process.env;
   const logger = createLogger(env);
   await loadNotifier(logger);
@@ -95,35 +139,32 @@ export async function main(argv: string[]): Promise<void> {
     fail(logger, err);
   }
 
-  let proxy: Proxy;
+  let started: Proxy;
   try {
     const fds = takeListenFds(env, process.pid);
     if (fds.length === 0 && listen.length === 0) throw new ProxyError('ERR_LISTEN_FDS', MSG_NO_SOCKETS, EINVAL);
-    proxy = createProxy({
+    started = proxy = createProxy({
       target,
       connectionsMax: options.connectionsMax,
       exitIdleTimeUsec: options.exitIdleTimeUsec,
       logger,
       onIdle: stop,
     });
-    for (const { fd } of fds) await listenOnFd(proxy, fd);
-    for (const address of listen) await listenOnAddress(proxy, address);
+    for (const { fd } of fds) await listenOnFd(started, fd);
+    for (const address of listen) {
+      const path = address.kind === 'unix' && !address.path.startsWith('\0') ? address.path : null;
+      if (path !== null) await removeStaleSocket(path);
+      await listenOnAddress(started, address);
+      if (path !== null) boundPaths.push(path);
+    }
   } catch (err) {
     fail(logger, err);
   }
 
-  function stop(): void {
-    closeProxy(proxy);
-    notify('STOPPING=1\nSTATUS=Shutting down...');
-    process.exit(0);
-  }
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
-
   // Connections already waiting in the backlog (the one that made systemd start us)
   // are accepted in the first poll phase; arm the idle timer only after it, so that
   // --exit-idle-time=0 does not exit before serving them.
-  setImmediate(armIdleTimer, proxy);
+  setImmediate(armIdleTimer, started);
 
   if (notifier !== null) {
     notify('READY=1\nSTATUS=Processing requests...');

@@ -6,7 +6,7 @@ import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { execFileSync, spawn } from 'node:child_process';
-import { openSync, closeSync, readFileSync } from 'node:fs';
+import { existsSync, openSync, closeSync, readFileSync } from 'node:fs';
 import { createSocket } from 'node:dgram';
 import { createConnection, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -141,6 +141,47 @@ describe('forwarding to each kind of target', () => {
     } finally {
       await p.stop();
       await backend.close();
+    }
+  });
+});
+
+describe('standalone UNIX sockets', () => {
+  test('--listen=/path: a stale socket file is replaced, and the file is removed on SIGTERM', async () => {
+    const backend = await startBackend(echo);
+    const path = join(tmp.dir, 'stale.sock');
+    // A socket file nobody listens on, as a killed process leaves behind.
+    execFileSync('python3', ['-c', `import socket; socket.socket(socket.AF_UNIX).bind(${JSON.stringify(path)})`]);
+    assert.ok(existsSync(path));
+    const p = await startProxy({ args: [`--listen=${path}`, backend.address] });
+    try {
+      await waitFor(() => {
+        try {
+          return readFileSync('/proc/net/unix', 'utf8').includes(path);
+        } catch {
+          return false;
+        }
+      }, 5000, 'listening');
+      await echoCheck({ path }, 1000);
+      p.child.kill('SIGTERM');
+      const { code } = await p.exited;
+      assert.equal(code, 0);
+      assert.equal(existsSync(path), false, 'socket file removed on exit');
+    } finally {
+      await p.stop();
+      await backend.close();
+    }
+  });
+
+  test('--listen=/path refuses to take over a socket someone is listening on', async () => {
+    const path = join(tmp.dir, 'live.sock');
+    const live = await startBackend(echo, { path });
+    try {
+      const r = await runProxy({ args: [`--listen=${path}`, '127.0.0.1:1'] });
+      assert.equal(r.code, 1);
+      assert.equal(r.stderr, `Failed to listen on ${path}: Address already in use\n`);
+      await echoCheck({ path }, 10);
+    } finally {
+      await live.close();
     }
   });
 });
