@@ -2,7 +2,7 @@
 // and nginx-stream when installed, in one run, in front of the same backends, on loopback.
 //
 //   node bench/run.ts [--quick] [--only NAME[,NAME...]] [--proxies ours,ref,...] [--runs N]
-//                     [--results FILE] [--no-write] [--no-setup] [--profile]
+//                     [--results FILE] [--no-write] [--no-setup] [--profile] [--nice]
 //
 // NAME: bulk, http, newconn, idle, pingpong, coldstart.  Proxies: ours, ref, socat, haproxy,
 // nginx-stream, direct (no proxy: a baseline).  See bench/README.md.
@@ -31,13 +31,13 @@ const ORDER = Object.keys(BENCHES) as BenchName[];
 
 function usage(msg: string): never {
   process.stderr.write(
-    `${msg}\nusage: node bench/run.ts [--quick] [--only ${ORDER.join(',')}] [--proxies ${PROXY_NAMES.join(',')}] [--runs N] [--results FILE] [--no-write] [--no-setup] [--profile]\n`,
+    `${msg}\nusage: node bench/run.ts [--quick] [--only ${ORDER.join(',')}] [--proxies ${PROXY_NAMES.join(',')}] [--runs N] [--results FILE] [--no-write] [--no-setup] [--profile] [--nice]\n`,
   );
   process.exit(2);
 }
 
-function parseArgs(argv: string[]): { quick: boolean; only: BenchName[]; proxies: ProxyName[] | null; runs: number | null; results: string | null; write: boolean; setup: boolean; profile: boolean } {
-  const o = { quick: false, only: [...ORDER], proxies: null as ProxyName[] | null, runs: null as number | null, results: null as string | null, write: true, setup: true, profile: false };
+function parseArgs(argv: string[]): { quick: boolean; only: BenchName[]; proxies: ProxyName[] | null; runs: number | null; results: string | null; write: boolean; setup: boolean; profile: boolean; nice: boolean } {
+  const o = { quick: false, only: [...ORDER], proxies: null as ProxyName[] | null, runs: null as number | null, results: null as string | null, write: true, setup: true, profile: false, nice: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
     const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
@@ -50,6 +50,7 @@ function parseArgs(argv: string[]): { quick: boolean; only: BenchName[]; proxies
     else if (flag === '--no-write') o.write = false;
     else if (flag === '--no-setup') o.setup = false;
     else if (flag === '--profile') o.profile = true;
+    else if (flag === '--nice') o.nice = true;
     else if (flag === '--only') {
       const names = value().split(',').filter(Boolean);
       for (const n of names) if (!(n in BENCHES)) usage(`unknown benchmark ${n}`);
@@ -84,6 +85,16 @@ async function main(): Promise<void> {
     missing = missing.filter((t) => !which(t));
   }
   if (missing.length > 0) log(`missing tools: ${missing.join(', ')}; install them with \`sh bench/setup.sh\` as root (apt-get). Benchmarks needing them are skipped.`);
+
+  if (args.nice) {
+    // Every child inherits the bench's nice value: proxies, backends and load tools alike.
+    try {
+      os.setPriority(-10);
+      log('running at nice -10: other processes on the machine disturb the figures less (and are slowed down)');
+    } catch (e) {
+      log(`--nice: ${(e as Error).message} (needs root)`);
+    }
+  }
 
   // A run that overran its budget is stopped whatever it is doing (and everything is killed).
   const budgetMs = args.quick ? 118_000 : 590_000;
