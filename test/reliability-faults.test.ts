@@ -22,10 +22,12 @@
  *     drain, the proxy stops reading the source and libuv drops that fd from epoll,
  *     so a reset from that peer is not seen until the destination drains; with a
  *     backend that never reads, the connection is held forever.
- *  5. OPEN (TODO test in reliability-data): a direction that turned bulk keeps its
- *     64 KiB buffer while the connection idles: 128 KiB per idle connection.
+ *  5. FIXED (src/forward.ts, 4581c46): a direction that had turned bulk kept its
+ *     64 KiB buffer while the connection idled, 128 KiB per idle connection.
+ *     Caught by 'idle after a burst' in reliability-data.test.ts.
  *  6. Out of fds: no busy loop (libuv accepts and closes what it cannot serve, the
- *     reference spins); full recovery. SIGTERM/SIGINT under load: exit 0 well within 1 s.
+ *     reference spins); full recovery. SIGTERM/SIGINT with 100 busy connections: exit 0
+ *     in 60-720 ms (mostly the kernel tearing down sockets full of buffered bytes).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -52,6 +54,12 @@ import {
 const STRESS = process.env.SOCKET_PROXYD_STRESS === '1';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * "Closed promptly": a proxy that misses a fault holds the other side forever; one that
+ * sees it closes within milliseconds. 2 s leaves room for a loaded 2-core CI machine.
+ */
+const PROMPT_MS = 2000;
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -170,7 +178,7 @@ test('peer faults: RST from the client closes the backend side promptly', { time
       const watch = closeWatch(b);
       c.resetAndDestroy();
       const { ms, how } = await withTimeout(watch, 5000, `${variant}: backend side not closed after client RST`);
-      assert.ok(ms < 1000, `${variant}: backend side closed after ${ms.toFixed(0)} ms (${how})`);
+      assert.ok(ms < PROMPT_MS, `${variant}: backend side closed after ${ms.toFixed(0)} ms (${how})`);
       use(echo);
       await serves(proxy);
       await fdsBackTo(proxy, base, variant);
@@ -201,7 +209,7 @@ test('peer faults: RST from the backend closes the client side promptly', { time
       if (variant !== 'right after accept') await sleep(100);
       b.resetAndDestroy();
       const { ms, how } = await withTimeout(watch, 5000, `${variant}: client not closed after backend RST`);
-      assert.ok(ms < 1000, `${variant}: client closed after ${ms.toFixed(0)} ms (${how})`);
+      assert.ok(ms < PROMPT_MS, `${variant}: client closed after ${ms.toFixed(0)} ms (${how})`);
       // libuv reports a reset that arrives behind unread data as EOF, so the proxy may only
       // half-close toward the client (finding 3 above). A client that saw EOF and is
       // done (ends) must free everything.
@@ -279,7 +287,7 @@ test('peer faults: backend killed mid-transfer closes the client promptly; the n
     const base = fdCount(proxy.pid) - 2 * clients.length;
     child.kill('SIGKILL');
     const results = await withTimeout(Promise.all(watches), 5000, 'clients not closed after the backend died');
-    for (const { ms, how } of results) assert.ok(ms < 1000, `client closed after ${ms.toFixed(0)} ms (${how})`);
+    for (const { ms, how } of results) assert.ok(ms < PROMPT_MS, `client closed after ${ms.toFixed(0)} ms (${how})`);
     for (const c of clients) c.end();
     // The same address comes back (a restarted backend): the proxy serves it.
     replacement = createServer({ allowHalfOpen: true }, echo);
@@ -385,7 +393,7 @@ test('peer faults: a backend that never reads, and the client resets: the backen
     const watch = closeWatch(b2);
     c2.resetAndDestroy();
     const { ms, how } = await withTimeout(watch, 2000, 'backend side not closed after the client reset');
-    assert.ok(ms < 1000, `backend side closed after ${ms.toFixed(0)} ms (${how})`);
+    assert.ok(ms < PROMPT_MS, `backend side closed after ${ms.toFixed(0)} ms (${how})`);
     use(echo);
     await serves(proxy);
     await fdsBackTo(proxy, base, 'never-reading backend, client reset');
@@ -410,7 +418,7 @@ test('peer faults: a backend that refuses or is gone: the client is closed promp
       c.on('error', () => {});
       if (i % 2 === 0) c.write('data before the refusal');
       const { ms } = await withTimeout(closeWatch(c), 5000, 'client not closed after a refused backend connect');
-      assert.ok(ms < 1000, `client closed after ${ms.toFixed(0)} ms`);
+      assert.ok(ms < PROMPT_MS, `client closed after ${ms.toFixed(0)} ms`);
     }
     await waitFor(() => proxy.stderr().split('\n').filter((l) => l !== '').length >= 20, 2000, 'log lines');
     for (const line of proxy.stderr().trimEnd().split('\n')) assert.equal(line, 'Failed to connect to remote host: Connection refused');
@@ -605,6 +613,7 @@ test(`signals: SIGTERM/SIGINT in the middle of transfers exits 0 within 1 s (${S
   // The backend runs in its own process so that the test process is not what slows the transfers down.
   const { child, port } = await startChild(STREAMER_CHILD);
   const upload = randomBytes(1 << 20);
+  const exitMs: number[] = [];
   try {
     for (let round = 0; round < (STRESS ? 10 : 3); round++) {
       const proxy = await startProxy({ args: ['-c', '1000', `127.0.0.1:${port}`], listen: [{ kind: 'tcp' }] });
@@ -630,6 +639,7 @@ test(`signals: SIGTERM/SIGINT in the middle of transfers exits 0 within 1 s (${S
         assert.equal(died, null, `killed by ${died}`);
         assert.equal(code, 0, `${signal}: exit status ${code}, stderr: ${proxy.stderr()}`);
         assert.ok(ms < 1000, `${signal}: exit took ${ms.toFixed(0)} ms`);
+        exitMs.push(Math.round(ms));
         assert.equal(proxy.stderr(), '', 'the proxy logged something on a clean shutdown');
         // The clients learn it: every one of them sees EOF or a reset.
         await withTimeout(Promise.all(clients.map(closeWatch)), 5000, 'clients closed');
@@ -638,6 +648,7 @@ test(`signals: SIGTERM/SIGINT in the middle of transfers exits 0 within 1 s (${S
         await proxy.stop();
       }
     }
+    console.log(`# signals: exit after ${exitMs.join(', ')} ms`);
   } finally {
     child.kill('SIGKILL');
   }
