@@ -337,15 +337,31 @@ function onClientDrain(this: ProxySocket): void {
   if (backend !== null && conn.connected && !backend.readableEnded) backend.resume();
 }
 
+/**
+ * Was this "EOF" really a reset? libuv reports a TCP reset that arrives behind unread
+ * data as EOF (its POLLHUP short-cut), and a half-close must not be passed on for a peer
+ * that is gone. Before we have sent our own FIN, a peer that half-closed leaves the socket
+ * in CLOSE_WAIT, where getpeername() works; after a reset it is CLOSED: ENOTCONN.
+ */
+function peerReset(sock: ProxySocket): boolean {
+  if (sock.writableEnded) return false;
+  const handle = (sock as unknown as { _handle: StreamHandle | null })._handle;
+  return handle?.getpeername !== undefined && handle.getpeername({}) !== 0;
+}
+
 /** EOF from the client: shut down the backend's write side once our writes are out. */
 function onClientEnd(this: ProxySocket): void {
   const conn = this[kConn];
-  conn.backend?.end();
+  // A reset: tear down both sides now (the close handler takes the backend with it).
+  if (peerReset(this)) this.destroy();
+  else conn.backend?.end();
 }
 
 function onBackendEnd(this: ProxySocket): void {
   const conn = this[kConn];
-  if (this === conn.backend) conn.client.end();
+  if (this !== conn.backend) return;
+  if (peerReset(this)) this.destroy();
+  else conn.client.end();
 }
 
 /**
