@@ -14,10 +14,12 @@
  *  2. No data-path corruption: soak (200 concurrent, random chunking, pauses,
  *     half-closes in both orders, resets mid-stream), 8,000 concurrent echoes, slow
  *     readers and writers, 100,000 sequential connections: every byte verified.
- *  3. Behaviour, not fixed (libuv): a TCP reset that arrives behind unread data is
- *     reported by libuv as EOF (its POLLHUP short-cut), so the proxy half-closes the
- *     other side (FIN) instead of closing it; the connection is released as soon as
- *     that side ends or writes. The C reference also sends FIN in that case.
+ *  3. FIXED (src/forward.ts, 21d7c01): a TCP reset that arrives behind unread data
+ *     is reported by libuv as EOF (its POLLHUP short-cut), so the proxy half-closed the
+ *     other side and then held both sockets until that peer wrote or closed -- forever
+ *     for one that just waits. Now an EOF whose socket is no longer connected
+ *     (getpeername: ENOTCONN) closes both sides, as a reset seen as an error always did.
+ *     Caught by the two 'RST from ...' tests below (the peer left alone must be freed).
  *  4. OPEN (TODO test below): while one direction waits for its destination to
  *     drain, the proxy stops reading the source and libuv drops that fd from epoll,
  *     so a reset from that peer is not seen until the destination drains; with a
@@ -182,6 +184,8 @@ test('peer faults: RST from the client closes the backend side promptly', { time
       c.resetAndDestroy();
       const { ms, how } = await withTimeout(watch, 5000, `${variant}: backend side not closed after client RST`);
       assert.ok(ms < PROMPT_MS, `${variant}: backend side closed after ${ms.toFixed(0)} ms (${how})`);
+      // The backend does nothing more (no end, no write): the proxy must still let go of
+      // the connection, even when libuv reported the reset as EOF (finding 3 above).
       use(echo);
       await serves(proxy);
       await fdsBackTo(proxy, base, variant);
@@ -219,10 +223,8 @@ test('peer faults: RST (or a plain close) from the backend closes the client sid
       }
       const { ms, how } = await withTimeout(watch, 5000, `${variant}: client not closed after backend RST`);
       assert.ok(ms < PROMPT_MS, `${variant}: client closed after ${ms.toFixed(0)} ms (${how})`);
-      // libuv reports a reset that arrives behind unread data as EOF, so the proxy may only
-      // half-close toward the client (finding 3 above). A client that saw EOF and is
-      // done (ends) must free everything.
-      c.end();
+      // The client does nothing more (no end, no write): the proxy must still let go of
+      // the connection, even when libuv reported the reset as EOF (finding 3 above).
       use(echo);
       await serves(proxy);
       await fdsBackTo(proxy, base, variant);
