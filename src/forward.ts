@@ -95,6 +95,9 @@ export interface Connection {
   /** Per direction: the bulk buffer a pending write holds, given back on 'drain'. */
   clientPending: Buffer | null;
   backendPending: Buffer | null;
+  /** Per direction: reading stopped until the destination drains (see sweepStalled). */
+  clientStalled: boolean;
+  backendStalled: boolean;
   clientClosed: boolean;
   backendClosed: boolean;
   released: boolean;
@@ -155,6 +158,8 @@ export function startConnection(owner: ConnectionOwner, handle: StreamHandle): C
     backendBuf: null,
     clientPending: null,
     backendPending: null,
+    clientStalled: false,
+    backendStalled: false,
     clientClosed: false,
     backendClosed: false,
     released: false,
@@ -288,10 +293,13 @@ function forwardRead(src: ProxySocket, dest: ProxySocket, n: number, buf: Buffer
     if (fromClient) {
       conn.clientBuf = null;
       conn.clientPending = own;
+      conn.clientStalled = true;
     } else {
       conn.backendBuf = null;
       conn.backendPending = own;
+      conn.backendStalled = true;
     }
+    markStalled(conn);
     nextBuffer = SHARED;
     return false;
   }
@@ -324,6 +332,8 @@ function onBackendDrain(this: ProxySocket): void {
     giveBuffer(conn.clientPending);
     conn.clientPending = null;
   }
+  conn.clientStalled = false;
+  unmarkStalled(conn);
   if (!conn.client.readableEnded) conn.client.resume();
 }
 
@@ -333,6 +343,8 @@ function onClientDrain(this: ProxySocket): void {
     giveBuffer(conn.backendPending);
     conn.backendPending = null;
   }
+  conn.backendStalled = false;
+  unmarkStalled(conn);
   const backend = conn.backend;
   if (backend !== null && conn.connected && !backend.readableEnded) backend.resume();
 }
@@ -347,6 +359,44 @@ function peerReset(sock: ProxySocket): boolean {
   if (sock.writableEnded) return false;
   const handle = (sock as unknown as { _handle: StreamHandle | null })._handle;
   return handle?.getpeername !== undefined && handle.getpeername({}) !== 0;
+}
+
+/**
+ * Connections with a direction that stopped reading while its destination holds a
+ * write. libuv takes a socket that is not read (and has no write of its own pending)
+ * out of epoll entirely, so a reset from that peer would go unnoticed for as long as
+ * the destination does not drain -- forever for a backend that never reads. The
+ * reference keeps such fds registered and sees the reset. We look instead: once a
+ * second, only while some direction is stalled, with the same check as on EOF.
+ */
+const stalled = new Set<Connection>();
+let sweepTimer: NodeJS.Timeout | null = null;
+const SWEEP_INTERVAL_MS = 1000;
+
+function markStalled(conn: Connection): void {
+  stalled.add(conn);
+  if (sweepTimer === null) {
+    sweepTimer = setInterval(sweepStalled, SWEEP_INTERVAL_MS);
+    sweepTimer.unref();
+  }
+}
+
+function unmarkStalled(conn: Connection): void {
+  if (conn.clientStalled || conn.backendStalled) return;
+  stalled.delete(conn);
+  if (stalled.size === 0 && sweepTimer !== null) {
+    clearInterval(sweepTimer);
+    sweepTimer = null;
+  }
+}
+
+function sweepStalled(): void {
+  for (const conn of stalled) {
+    // Destroying a socket closes it; its close handler takes the other side down.
+    if (conn.clientStalled && !conn.client.destroyed && peerReset(conn.client)) conn.client.destroy();
+    const backend = conn.backend;
+    if (conn.backendStalled && backend !== null && !backend.destroyed && peerReset(backend)) backend.destroy();
+  }
 }
 
 /** EOF from the client: shut down the backend's write side once our writes are out. */
@@ -393,6 +443,9 @@ function maybeRelease(conn: Connection): void {
   if (conn.released || !conn.clientClosed) return;
   if (conn.backend !== null && !conn.backendClosed) return;
   conn.released = true;
+  conn.clientStalled = false;
+  conn.backendStalled = false;
+  unmarkStalled(conn);
   // Bulk buffers are free once both sockets are closed: no write can be pending.
   if (conn.clientBuf !== null) giveBuffer(conn.clientBuf);
   if (conn.backendBuf !== null) giveBuffer(conn.backendBuf);
