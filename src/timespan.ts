@@ -203,7 +203,9 @@ const FORMAT_UNITS: ReadonlyArray<readonly [suffix: string, usec: bigint]> = [
 
 /**
  * systemd's format_timespan() with accuracy 1 µs (what `systemd-analyze timespan` prints as "Human"):
- * exact, so parseSec(formatTimespan(x)) === x. Examples: "5min 20s", "500ms", "1.500000s", "infinity", "0".
+ * exact, so parseSec(formatTimespan(x)) === x for every span systemd itself parses back (below
+ * 584542 years: parse_sec() refuses a count of years at or above USEC_INFINITY / USEC_PER_YEAR).
+ * Examples: "5min 20s", "500ms", "1.500000s", "infinity", "0".
  */
 export function formatTimespan(usec: bigint): string {
   if (usec === USEC_INFINITY) return 'infinity';
