@@ -118,7 +118,8 @@ export async function startProxy(options: StartOptions): Promise<Proxy> {
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (err += d));
   child.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => {
-    child.on('exit', (code, signal) => {
+    // 'close', not 'exit': it comes after stdout and stderr are drained, so stderr() is complete.
+    child.on('close', (code, signal) => {
       running.delete(child);
       res({ code, signal });
     });
