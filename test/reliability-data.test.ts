@@ -14,7 +14,7 @@ import { createCipheriv, createHash, type Hash } from 'node:crypto';
 import { once } from 'node:events';
 import { createConnection, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
-import { connect, fdCount, rssKiB, startBackend, startProxy, waitFor, type Proxy } from './helpers.ts';
+import { connect, fdCount, prng, rssKiB, startBackend, startProxy, waitFor, type Proxy } from './helpers.ts';
 
 const STRESS = process.env.SOCKET_PROXYD_STRESS === '1';
 const SEED = Number(process.env.SOCKET_PROXYD_SEED ?? Math.floor(Math.random() * 2 ** 31));
@@ -23,17 +23,6 @@ const SEED = Number(process.env.SOCKET_PROXYD_SEED ?? Math.floor(Math.random() *
 // Deterministic data: a PRNG for decisions, AES-CTR keystreams for payloads.
 // ---------------------------------------------------------------------------
 
-/** mulberry32: small, fast, good enough to pick sizes and pauses reproducibly. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randInt(rnd: () => number, min: number, max: number): number {
   return min + Math.floor(rnd() * (max - min + 1));

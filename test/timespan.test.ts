@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
 import { parseSec, formatTimespan, TimespanError, USEC_INFINITY } from '../src/timespan.ts';
+import { prng } from './helpers.ts';
 
 const EINVAL = 22;
 const ERANGE = 34;
@@ -285,17 +286,6 @@ test('errno: EINVAL for syntax, ERANGE for negative numbers and overflow (as in 
   assert.throws(() => parseSec('-1'), { message: "Failed to parse time span '-1': Numerical result out of range" });
 });
 
-/** mulberry32: a tiny seeded PRNG, so a failure reproduces. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const UNITS = [
   'seconds', 'second', 'sec', 's', 'minutes', 'minute', 'min', 'm', 'months', 'month', 'M', 'msec', 'ms',
@@ -342,7 +332,7 @@ function randomSpan(rnd: () => number): string {
 }
 
 test('300 seeded random spans agree with systemd-analyze timespan', { skip: oracleSkip }, async () => {
-  const rnd = mulberry32(0x5eed_2520);
+  const rnd = prng(0x5eed_2520);
   const inputs = Array.from({ length: 300 }, () => randomSpan(rnd));
   // Make sure the generator exercises all three outcomes, so agreement means something.
   const outcomes = inputs.map(ours);
@@ -377,7 +367,7 @@ test('formatTimespan: systemd format_timespan(accuracy 1) forms that round-trip 
   assert.equal(formatTimespan(INF - 1n), '584542y 2w 2d 20h 1min 49.551614s');
   assert.throws(() => parseSec(formatTimespan(INF - 1n)), { errno: ERANGE });
 
-  const rnd = mulberry32(42);
+  const rnd = prng(42);
   for (let i = 0; i < 300; i++) {
     const bits = BigInt(Math.floor(rnd() * 2 ** 32)) * BigInt(Math.floor(rnd() * 2 ** 32));
     const usec = (bits >> BigInt(Math.floor(rnd() * 64))) % (584542n * YEAR);
