@@ -199,7 +199,7 @@ async function main(): Promise<void> {
       ORDER,
       PROXY_NAMES,
       machineInfo(refVersion()),
-      'Written by `node bench/run.ts` (see bench/README.md for what each benchmark measures and the caveats: 2 cores are shared by the load generator, the proxy and the backend).',
+      'Written by `node bench/run.ts` (see bench/README.md for what each benchmark measures and the caveats: 2 cores are shared by the load generator, the proxy and the backend). Where a target is missed, bench/ANALYSIS.md says where the time or memory goes, from profiles.',
     );
     log(`results written to ${path.relative(process.cwd(), file) || file}`);
   }
