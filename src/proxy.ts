@@ -147,11 +147,8 @@ function startServer(
   });
 }
 
-function onServerError(this: Server, err: Error): void {
-  // Unreachable in practice (we own onconnection), kept so an 'error' can never crash us.
-  void this;
-  void err;
-}
+/** Unreachable in practice (we own onconnection); present so an 'error' can never crash us. */
+function onServerError(): void {}
 
 /** Accept callback, with `this` the listening handle (see the module comment). */
 function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): void {

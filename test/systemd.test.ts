@@ -621,6 +621,18 @@ function prefixed(flavour: Flavour, options: StartOptions): StartOptions {
     : { ...options, flavour, env: { ...options.env, SYSTEMD_LOG_TARGET: 'console-prefixed' } };
 }
 
+/** Start the proxy towards `target`, make one connection that fails, return its log lines. */
+async function logOfOneFailedConnection(flavour: Flavour, target: string): Promise<Line[]> {
+  const p = await startProxy(prefixed(flavour, { args: [target], listen: [{ kind: 'tcp' }] }));
+  try {
+    await readAll(await connect(p.listeners[0]!.connectOptions), SLOW);
+    await waitFor(() => p.stderr().includes('\n'), SLOW, 'a log line');
+    return parseLines(p.stderr());
+  } finally {
+    await p.stop();
+  }
+}
+
 let acceptShim: string | undefined;
 function buildAcceptShim(): string {
   if (acceptShim !== undefined) return acceptShim;
@@ -665,29 +677,14 @@ describe('logging', { concurrency: true }, () => {
     'connect failure (error)': {
       expect: [{ level: 3, text: 'Failed to connect to remote host: Connection refused' }],
       async run(flavour) {
-        const port = await closedPort();
-        const p = await startProxy(prefixed(flavour, { args: [`127.0.0.1:${port}`], listen: [{ kind: 'tcp' }] }));
-        try {
-          await readAll(await connect(p.listeners[0]!.connectOptions), SLOW);
-          await waitFor(() => p.stderr().includes('\n'), SLOW, 'a log line');
-          return parseLines(p.stderr());
-        } finally {
-          await p.stop();
-        }
+        return logOfOneFailedConnection(flavour, `127.0.0.1:${await closedPort()}`);
       },
     },
     'resolve failure (error)': {
       // "a..b" fails inside glibc (empty label): no DNS packet leaves the machine.
       expect: [{ level: 3, text: 'Failed to resolve host: Name or service not known' }],
       async run(flavour) {
-        const p = await startProxy(prefixed(flavour, { args: ['a..b:80'], listen: [{ kind: 'tcp' }] }));
-        try {
-          await readAll(await connect(p.listeners[0]!.connectOptions), SLOW);
-          await waitFor(() => p.stderr().includes('\n'), SLOW, 'a log line');
-          return parseLines(p.stderr());
-        } finally {
-          await p.stop();
-        }
+        return logOfOneFailedConnection(flavour, 'a..b:80');
       },
     },
     'UNIX address too long (error; ours at start-up, the reference per connection)': {
