@@ -2,15 +2,16 @@
  * One proxied connection: connect to the target, then forward both directions
  * byte-exact until both are done, half-close included.
  *
+ * The two sockets are Node's libuv stream handles, not net.Sockets (why: uv.ts).
  * The data path, and why it looks the way it does:
  *
- * - Reads use `onread` (a caller-supplied buffer) instead of 'data' events. The
- *   default path allocates a fresh 64 KiB ArrayBuffer per read and shrinks it,
- *   which costs CPU and page faults; `onread` reads into memory we own.
- * - Memory we own may be handed to `write()`. When the write completes at once
+ * - Reads go into memory we own (`useUserBuffer`; the read callback returns the
+ *   buffer for the next read). Node's default allocates a fresh 64 KiB
+ *   ArrayBuffer per read and shrinks it, which costs CPU and page faults.
+ * - Memory we own is handed to `writeBuffer()`. When the write completes at once
  *   (the common case: the kernel took it all), the buffer is free again. When it
  *   does not, the pending write still points into the buffer, so it must not be
- *   read into again: the direction stops reading until the destination drains.
+ *   read into again: the direction stops reading until the write completes.
  *   That also bounds memory: at most one chunk in flight per direction, the rest
  *   waits in the kernel's socket buffers, where it belongs.
  * - Idle connections must cost almost nothing, so a connection has no buffer of
@@ -29,18 +30,22 @@
  *   0.95-0.98 s, 256 KiB 0.59-0.71 s, 512 KiB 0.52-0.57 s, 1 MiB 0.48-0.55 s;
  *   the reference (splice, 256 KiB pipes) 0.49-0.53 s.
  * - Handlers are module-level functions; they find their connection through the
- *   socket's kConn field, so no closures are created per connection or per chunk.
+ *   handle's kConn field, so no closures are created per connection or per chunk.
+ *   Write requests are reused until one is left pending.
  *
  * Ownership rule, the one thing never to break: a buffer is read into only when
- * no pending write references it. SHARED is never passed to write(); a bulk
- * buffer is read into again only after the destination reported writableLength 0
- * right after the write, and one a pending write holds goes back to the free list
- * only on the destination's 'drain' (or once both sockets are closed).
+ * no pending write references it. SHARED is never passed to writeBuffer(); a bulk
+ * buffer is read into again only when the write from it completed at once, and one
+ * a pending write holds goes back to the free list only when that write completes
+ * (or once both handles are closed, which cancels it).
  */
-import { Socket, type SocketConstructorOpts } from 'node:net';
 import { LOG_DEBUG, LOG_ERR } from './log.ts';
 import { strerror } from './strerror.ts';
+import { uv, UV_EOF, type ConnectReq, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
+import { getSystemErrorName } from 'node:util';
 import type { Address } from './address.ts';
+
+export type { StreamHandle } from './uv.ts';
 
 /** Size of the shared buffer and of each bulk buffer. */
 export const BUFFER_SIZE = 512 * 1024;
@@ -60,47 +65,63 @@ function giveBuffer(buf: Buffer): void {
   if (freeBuffers.length < FREE_LIST_MAX) freeBuffers.push(buf);
 }
 
-/**
- * Node calls the onread buffer factory as a plain function right after the read
- * callback of the same socket returns (or when a socket gets its handle), so the
- * callback leaves the socket's next buffer here. Every other time it is SHARED.
- */
-let nextBuffer: Buffer = SHARED;
+const state = uv.state;
+const kReadBytesOrError = uv.kReadBytesOrError;
+const kLastWriteWasAsync = uv.kLastWriteWasAsync;
 
-function bufferFactory(): Buffer {
-  const buf = nextBuffer;
-  nextBuffer = SHARED;
-  return buf;
+/**
+ * The write request for the next write. A write the kernel takes at once never
+ * touches its request object, so one serves every such write; a write left
+ * pending keeps its request, and a fresh one takes its place.
+ */
+let writeReq: WriteReq = newWriteReq();
+
+function newWriteReq(): WriteReq {
+  const req = new uv.WriteWrap();
+  req.oncomplete = onWriteComplete;
+  req.buffer = null;
+  return req;
 }
 
 /** What the engine provides to each connection. */
 export interface ConnectionOwner {
   readonly target: Address;
   readonly log: (level: number, message: string) => void;
-  /** Called exactly once, when both sockets of the connection are closed. */
+  /** Called exactly once, when both handles of the connection are closed. */
   readonly release: (conn: Connection) => void;
   /** Resolves a host name to the addresses to try, in order (getaddrinfo order). */
   readonly resolve: (conn: Connection) => void;
 }
 
+/**
+ * One connection. Fields named client* describe the direction read from the
+ * client (client -> backend), backend* the direction read from the backend.
+ */
 export interface Connection {
   readonly owner: ConnectionOwner;
-  readonly client: ProxySocket;
-  backend: ProxySocket | null;
+  readonly client: ProxyHandle;
+  backend: ProxyHandle | null;
   /** Backend is connected and forwarding has started. */
   connected: boolean;
   /** Per direction: the bulk buffer being read into, or null while using SHARED. */
   clientBuf: Buffer | null;
   backendBuf: Buffer | null;
-  /** Per direction: the bulk buffer a pending write holds, given back on 'drain'. */
-  clientPending: Buffer | null;
-  backendPending: Buffer | null;
-  /** Per direction: reading stopped until the destination drains (see sweepStalled). */
+  /** Per direction: a write is pending; the source is not read until it completes. */
   clientStalled: boolean;
   backendStalled: boolean;
-  clientClosed: boolean;
-  backendClosed: boolean;
-  released: boolean;
+  /** Per direction: the bulk buffer the pending write holds, given back when it completes. */
+  clientPending: Buffer | null;
+  backendPending: Buffer | null;
+  /** Per direction: the source sent EOF, and the destination's write side is being shut down. */
+  clientEof: boolean;
+  backendEof: boolean;
+  /** Per direction: that shutdown completed; the direction is done. */
+  clientDone: boolean;
+  backendDone: boolean;
+  /** Both handles are closed or closing; nothing is forwarded any more. */
+  closing: boolean;
+  /** Handles whose close callback has not run yet. */
+  openHandles: number;
   /** For host-name targets: the resolved addresses still to try. */
   candidates: string[];
   candidateIndex: number;
@@ -108,47 +129,13 @@ export interface Connection {
 
 const kConn = Symbol('socket-proxyd.connection');
 
-export interface ProxySocket extends Socket {
+interface ProxyHandle extends StreamHandle {
   [kConn]: Connection;
 }
 
-/** Node's private stream handle, as far as we touch it. */
-export interface StreamHandle {
-  close(callback?: () => void): void;
-  getpeername?(out: Record<string, unknown>): number;
-}
-
-// `handle`, `onread` and `pauseOnCreate` are real Socket options that @types/node
-// does not declare for the constructor.
-interface InternalSocketOptions extends SocketConstructorOpts {
-  handle?: StreamHandle;
-  pauseOnCreate?: boolean;
-  writableHighWaterMark?: number;
-}
-
-/**
- * writableHighWaterMark 1: every write that does not complete at once sets
- * needDrain, so 'drain' reliably tells us the pending write released its buffer.
- */
-const WRITE_HWM = 1;
-
-const CLIENT_ONREAD = { buffer: bufferFactory, callback: onClientRead };
-const BACKEND_ONREAD = { buffer: bufferFactory, callback: onBackendRead };
-
 /** Take over an accepted client handle and start connecting to the target. */
 export function startConnection(owner: ConnectionOwner, handle: StreamHandle): Connection {
-  const options: InternalSocketOptions = {
-    handle,
-    allowHalfOpen: true,
-    // The client is not read until the backend is connected (as the reference):
-    // nothing is buffered for a backend that may never answer.
-    pauseOnCreate: true,
-    readable: true,
-    writable: true,
-    writableHighWaterMark: WRITE_HWM,
-    onread: CLIENT_ONREAD,
-  };
-  const client = new Socket(options) as ProxySocket;
+  const client = handle as ProxyHandle;
   const conn: Connection = {
     owner,
     client,
@@ -156,59 +143,66 @@ export function startConnection(owner: ConnectionOwner, handle: StreamHandle): C
     connected: false,
     clientBuf: null,
     backendBuf: null,
-    clientPending: null,
-    backendPending: null,
     clientStalled: false,
     backendStalled: false,
-    clientClosed: false,
-    backendClosed: false,
-    released: false,
+    clientPending: null,
+    backendPending: null,
+    clientEof: false,
+    backendEof: false,
+    clientDone: false,
+    backendDone: false,
+    closing: false,
+    openHandles: 1,
     candidates: [],
     candidateIndex: 0,
   };
   client[kConn] = conn;
-  client.on('error', onClientError);
-  client.on('end', onClientEnd);
-  client.on('close', onClientClose);
-  client.on('drain', onClientDrain);
+  // The client is not read until the backend is connected (as the reference):
+  // nothing is buffered for a backend that may never answer.
+  client.onread = onClientRead;
 
   const target = owner.target;
   if (target.kind === 'name') owner.resolve(conn);
-  else connectBackend(conn, target.kind === 'unix' ? { path: target.path } : { host: target.host, port: target.port });
+  else if (target.kind === 'unix') connectBackend(conn, target.path, 0, 0);
+  else connectBackend(conn, target.host, target.port, target.family);
   return conn;
 }
 
-interface ConnectTo {
-  path?: string;
-  host?: string;
-  port?: number;
+/** Connect a new backend handle: `family` 0 for a UNIX path, else 4 or 6 (an IP literal, no DNS). */
+function connectBackend(conn: Connection, address: string, port: number, family: number): void {
+  let err: number;
+  let backend: ProxyHandle;
+  if (family === 0) {
+    const pipe = new uv.Pipe(uv.PIPE_SOCKET);
+    backend = pipe as unknown as ProxyHandle;
+    backend[kConn] = conn;
+    err = pipe.connect(newConnectReq(new uv.PipeConnectWrap()), address);
+  } else {
+    const tcp = new uv.TCP(uv.TCP_SOCKET);
+    backend = tcp as unknown as ProxyHandle;
+    backend[kConn] = conn;
+    const req = newConnectReq(new uv.TCPConnectWrap());
+    err = family === 6 ? tcp.connect6(req, address, port) : tcp.connect(req, address, port);
+  }
+  backend.onread = onBackendRead;
+  conn.backend = backend;
+  conn.openHandles++;
+  // A failure to even start (e.g. EMFILE from socket()) is reported like a refused
+  // connection, but later: the caller has not finished setting the connection up.
+  if (err !== 0) process.nextTick(onConnectComplete, err, backend);
 }
 
-function connectBackend(conn: Connection, to: ConnectTo): void {
-  const backend = new Socket({
-    allowHalfOpen: true,
-    writableHighWaterMark: WRITE_HWM,
-    onread: BACKEND_ONREAD,
-  } as InternalSocketOptions) as ProxySocket;
-  backend[kConn] = conn;
-  conn.backend = backend;
-  conn.backendClosed = false;
-  backend.on('connect', onBackendConnect);
-  backend.on('error', onBackendError);
-  backend.on('end', onBackendEnd);
-  backend.on('close', onBackendClose);
-  backend.on('drain', onBackendDrain);
-  // An IP literal or a path: Node connects without any DNS lookup.
-  if (to.path !== undefined) backend.connect({ path: to.path });
-  else backend.connect({ host: to.host as string, port: to.port as number });
+function newConnectReq(req: ConnectReq): ConnectReq {
+  req.oncomplete = onConnectComplete;
+  return req;
 }
 
 /** Called by the owner's resolver with the addresses for a host-name target. */
 export function resolved(conn: Connection, err: unknown, addresses: string[]): void {
-  if (conn.released || conn.client.destroyed) return;
+  if (conn.closing) return;
   if (err !== null || addresses.length === 0) {
     conn.owner.log(LOG_ERR, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
-    conn.client.destroy();
+    teardown(conn);
     return;
   }
   conn.candidates = addresses;
@@ -219,77 +213,105 @@ export function resolved(conn: Connection, err: unknown, addresses: string[]): v
 function tryNextCandidate(conn: Connection): void {
   const host = conn.candidates[conn.candidateIndex++] as string;
   const target = conn.owner.target as { port: number };
-  connectBackend(conn, { host, port: target.port });
+  connectBackend(conn, host, target.port, host.includes(':') ? 6 : 4);
 }
 
-function onBackendConnect(this: ProxySocket): void {
-  const conn = this[kConn];
-  conn.connected = true;
-  conn.candidates = [];
-  if (conn.client.destroyed) {
-    this.destroy();
-    return;
-  }
-  conn.client.resume();
-}
-
-function onBackendError(this: ProxySocket, err: Error): void {
-  const conn = this[kConn];
-  if (this !== conn.backend) return;
-  if (!conn.connected) {
+/** The backend connect finished (`this` is the request; unused). */
+function onConnectComplete(status: number, handle: StreamHandle): void {
+  const backend = handle as ProxyHandle;
+  const conn = backend[kConn];
+  // Closing cancels a pending connect; the handle is already on its way out.
+  if (conn.closing || backend !== conn.backend) return;
+  if (status !== 0) {
+    closeHandle(backend);
+    conn.backend = null;
     // A host name may have more addresses: try them in order, like a client would.
-    if (conn.candidateIndex < conn.candidates.length && !conn.client.destroyed) {
+    if (conn.candidateIndex < conn.candidates.length) {
       tryNextCandidate(conn);
       return;
     }
-    conn.owner.log(LOG_ERR, `Failed to connect to remote host: ${strerror(err)}`);
-    conn.client.destroy();
+    conn.owner.log(LOG_ERR, `Failed to connect to remote host: ${strerror(errnoCode(status))}`);
+    teardown(conn);
     return;
   }
-  // A reset or error on either side ends the whole connection, as in the reference.
-  conn.owner.log(LOG_DEBUG, `Backend connection failed: ${strerror(err)}`);
-  conn.client.destroy();
+  conn.connected = true;
+  conn.candidates = [];
+  const client = conn.client;
+  client.useUserBuffer(SHARED);
+  backend.useUserBuffer(SHARED);
+  let err = client.readStart();
+  if (err !== 0) {
+    fail(conn, client, err);
+    return;
+  }
+  err = backend.readStart();
+  if (err !== 0) fail(conn, backend, err);
 }
 
-function onClientError(this: ProxySocket, err: Error): void {
-  const conn = this[kConn];
-  conn.owner.log(LOG_DEBUG, `Client connection failed: ${strerror(err)}`);
-  conn.backend?.destroy();
+function errnoCode(status: number): { code: string } {
+  return { code: getSystemErrorName(status) };
+}
+
+/** A read on the client (`this`): forward it, or handle EOF / an error. Returns the next read buffer. */
+function onClientRead(this: StreamHandle): Buffer {
+  const n = state[kReadBytesOrError] as number;
+  const client = this as ProxyHandle;
+  const conn = client[kConn];
+  if (n > 0) return forwardRead(conn, client, conn.backend as ProxyHandle, n, true);
+  if (n < 0) readEnded(conn, client, n, true);
+  // No more reads come after EOF or an error, but a handle must never be left
+  // pointing at a buffer we gave away.
+  return SHARED;
+}
+
+function onBackendRead(this: StreamHandle): Buffer {
+  const n = state[kReadBytesOrError] as number;
+  const backend = this as ProxyHandle;
+  const conn = backend[kConn];
+  if (n > 0) return forwardRead(conn, backend, conn.client, n, false);
+  if (n < 0) readEnded(conn, backend, n, false);
+  return SHARED;
 }
 
 /**
- * Forward one read. `src` is the socket that was read from; `buf` holds `n` new bytes.
- * Returns false to stop reading until the destination drains.
+ * Forward one read of `n` bytes from `src` to `dest`. Returns the buffer the next
+ * read of `src` goes into.
  */
-function forwardRead(src: ProxySocket, dest: ProxySocket, n: number, buf: Buffer, fromClient: boolean): boolean {
-  if (dest.destroyed || dest.writableEnded) {
-    // The other side is gone: nothing can be delivered any more.
-    src.destroy();
-    return false;
-  }
-  const conn = src[kConn];
-  // `buf` is what the factory handed out for this read: SHARED or this direction's buffer.
-  let own: Buffer | null = null;
+function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: number, fromClient: boolean): Buffer {
+  if (conn.closing) return SHARED;
+  // The read went into what the previous call returned: this direction's bulk buffer, or SHARED.
+  let own = fromClient ? conn.clientBuf : conn.backendBuf;
   let chunk: Buffer;
-  if (buf === SHARED) {
+  if (own === null) {
     if (n >= BULK_THRESHOLD) {
       own = takeBuffer();
       SHARED.copy(own, 0, 0, n);
       chunk = own.subarray(0, n);
     } else {
-      // Never hand SHARED itself to write(): copy the few bytes out.
+      // Never hand SHARED itself to a write: copy the few bytes out.
       chunk = Buffer.allocUnsafe(n);
       SHARED.copy(chunk, 0, 0, n);
     }
   } else {
-    own = buf;
-    chunk = buf.subarray(0, n);
+    chunk = n === own.length ? own : own.subarray(0, n);
   }
 
-  dest.write(chunk);
-  if (dest.writableLength !== 0) {
-    // The pending write holds `own` (if any) until 'drain' gives it back; the next
-    // read, once reading resumes, goes to SHARED.
+  const req = writeReq;
+  const err = dest.writeBuffer(req, chunk);
+  if (err !== 0) {
+    if (own !== null) giveBuffer(own);
+    if (fromClient) conn.clientBuf = null;
+    else conn.backendBuf = null;
+    fail(conn, dest, err);
+    return SHARED;
+  }
+  if (state[kLastWriteWasAsync] !== 0) {
+    // The pending write holds `req` and `chunk` (and `own`, if any) until it
+    // completes; until then this direction does not read. The next read, once
+    // reading resumes, goes to SHARED.
+    req.buffer = chunk;
+    writeReq = newWriteReq();
+    src.readStop();
     if (fromClient) {
       conn.clientBuf = null;
       conn.clientPending = own;
@@ -300,8 +322,7 @@ function forwardRead(src: ProxySocket, dest: ProxySocket, n: number, buf: Buffer
       conn.backendStalled = true;
     }
     markStalled(conn);
-    nextBuffer = SHARED;
-    return false;
+    return SHARED;
   }
   if (own !== null && n < own.length) {
     // The read did not fill the buffer: the socket is drained for now and the
@@ -311,42 +332,79 @@ function forwardRead(src: ProxySocket, dest: ProxySocket, n: number, buf: Buffer
   }
   if (fromClient) conn.clientBuf = own;
   else conn.backendBuf = own;
-  nextBuffer = own ?? SHARED;
-  return true;
+  return own ?? SHARED;
 }
 
-function onClientRead(this: ProxySocket, n: number, buf: Buffer): boolean {
-  return forwardRead(this, this[kConn].backend as ProxySocket, n, buf, true);
-}
-
-function onBackendRead(this: ProxySocket, n: number, buf: Buffer): boolean {
-  return forwardRead(this, this[kConn].client, n, buf, false);
-}
-
-/** The backend took everything we wrote: the client may be read again. */
-function onBackendDrain(this: ProxySocket): void {
-  const conn = this[kConn];
-  if (this !== conn.backend) return;
-  // The write that held the buffer is complete: nothing references it any more.
-  if (conn.clientPending !== null) {
-    giveBuffer(conn.clientPending);
+/** A pending write to `handle` completed: its buffer is free, and its source may be read again. */
+function onWriteComplete(this: WriteReq, status: number, handle: StreamHandle): void {
+  this.buffer = null;
+  const dest = handle as ProxyHandle;
+  const conn = dest[kConn];
+  // Closing cancels pending writes; buffers are given back once both handles are closed.
+  if (conn.closing) return;
+  if (status < 0) {
+    fail(conn, dest, status);
+    return;
+  }
+  let src: ProxyHandle;
+  if (dest === conn.backend) {
+    src = conn.client;
+    if (conn.clientPending !== null) giveBuffer(conn.clientPending);
     conn.clientPending = null;
+    conn.clientStalled = false;
+  } else {
+    src = conn.backend as ProxyHandle;
+    if (conn.backendPending !== null) giveBuffer(conn.backendPending);
+    conn.backendPending = null;
+    conn.backendStalled = false;
   }
-  conn.clientStalled = false;
   unmarkStalled(conn);
-  if (!conn.client.readableEnded) conn.client.resume();
+  const err = src.readStart();
+  if (err !== 0) fail(conn, src, err);
 }
 
-function onClientDrain(this: ProxySocket): void {
-  const conn = this[kConn];
-  if (conn.backendPending !== null) {
-    giveBuffer(conn.backendPending);
-    conn.backendPending = null;
+/**
+ * `src` reported EOF or a read error. EOF passes the half-close on: the
+ * destination's write side is shut down once the writes before it are out
+ * (libuv queues the shutdown behind them). Anything else ends the connection.
+ */
+function readEnded(conn: Connection, src: ProxyHandle, n: number, fromClient: boolean): void {
+  if (conn.closing) return;
+  const own = fromClient ? conn.clientBuf : conn.backendBuf;
+  if (own !== null) giveBuffer(own);
+  if (fromClient) conn.clientBuf = null;
+  else conn.backendBuf = null;
+  if (n !== UV_EOF) {
+    fail(conn, src, n);
+    return;
   }
-  conn.backendStalled = false;
-  unmarkStalled(conn);
-  const backend = conn.backend;
-  if (backend !== null && conn.connected && !backend.readableEnded) backend.resume();
+  // A reset: tear down both sides now.
+  if (peerReset(src, fromClient ? conn.backendEof : conn.clientEof)) {
+    teardown(conn);
+    return;
+  }
+  const dest = fromClient ? (conn.backend as ProxyHandle) : conn.client;
+  if (fromClient) conn.clientEof = true;
+  else conn.backendEof = true;
+  const req = new uv.ShutdownWrap();
+  req.oncomplete = onShutdownComplete;
+  const err = dest.shutdown(req);
+  if (err !== 0) fail(conn, dest, err);
+}
+
+/** The write side of `handle` is shut down: that direction is done. */
+function onShutdownComplete(this: ShutdownReq, status: number, handle: StreamHandle): void {
+  const dest = handle as ProxyHandle;
+  const conn = dest[kConn];
+  if (conn.closing) return;
+  if (status < 0) {
+    fail(conn, dest, status);
+    return;
+  }
+  if (dest === conn.backend) conn.clientDone = true;
+  else conn.backendDone = true;
+  // Both directions finished normally: nothing is left to read or to write.
+  if (conn.clientDone && conn.backendDone) teardown(conn);
 }
 
 /**
@@ -354,11 +412,19 @@ function onClientDrain(this: ProxySocket): void {
  * data as EOF (its POLLHUP short-cut), and a half-close must not be passed on for a peer
  * that is gone. Before we have sent our own FIN, a peer that half-closed leaves the socket
  * in CLOSE_WAIT, where getpeername() works; after a reset it is CLOSED: ENOTCONN.
+ * `shutDown`: we have already sent our FIN to this peer, so ENOTCONN proves nothing.
  */
-function peerReset(sock: ProxySocket): boolean {
-  if (sock.writableEnded) return false;
-  const handle = (sock as unknown as { _handle: StreamHandle | null })._handle;
-  return handle?.getpeername !== undefined && handle.getpeername({}) !== 0;
+function peerReset(handle: StreamHandle, shutDown: boolean): boolean {
+  if (shutDown) return false;
+  return handle.getpeername !== undefined && handle.getpeername({}) !== 0;
+}
+
+/** An error on `handle` ends the whole connection, as in the reference. */
+function fail(conn: Connection, handle: StreamHandle, err: number): void {
+  if (conn.closing) return;
+  const role = handle === conn.client ? 'Client' : 'Backend';
+  conn.owner.log(LOG_DEBUG, `${role} connection failed: ${strerror(errnoCode(err))}`);
+  teardown(conn);
 }
 
 /**
@@ -392,61 +458,30 @@ function unmarkStalled(conn: Connection): void {
 
 function sweepStalled(): void {
   for (const conn of stalled) {
-    // Destroying a socket closes it; its close handler takes the other side down.
-    if (conn.clientStalled && !conn.client.destroyed && peerReset(conn.client)) conn.client.destroy();
-    const backend = conn.backend;
-    if (conn.backendStalled && backend !== null && !backend.destroyed && peerReset(backend)) backend.destroy();
+    if (conn.clientStalled && peerReset(conn.client, conn.backendEof)) teardown(conn);
+    else if (conn.backendStalled && conn.backend !== null && peerReset(conn.backend, conn.clientEof)) teardown(conn);
   }
 }
 
-/** EOF from the client: shut down the backend's write side once our writes are out. */
-function onClientEnd(this: ProxySocket): void {
-  const conn = this[kConn];
-  // A reset: tear down both sides now (the close handler takes the backend with it).
-  if (peerReset(this)) this.destroy();
-  else conn.backend?.end();
-}
-
-function onBackendEnd(this: ProxySocket): void {
-  const conn = this[kConn];
-  if (this !== conn.backend) return;
-  if (peerReset(this)) this.destroy();
-  else conn.client.end();
-}
-
-/**
- * A socket that closes after both its directions finished normally leaves the other
- * alone: it finishes (or has finished) by itself, flushing what it still holds. One
- * that closes any other way (error, reset, destroyed) takes the other down with it.
- */
-function closedCleanly(sock: ProxySocket): boolean {
-  return sock.readableEnded && sock.writableFinished;
-}
-
-function onClientClose(this: ProxySocket): void {
-  const conn = this[kConn];
-  conn.clientClosed = true;
-  const backend = conn.backend;
-  if (backend !== null && !backend.destroyed && !closedCleanly(this)) backend.destroy();
-  maybeRelease(conn);
-}
-
-function onBackendClose(this: ProxySocket): void {
-  const conn = this[kConn];
-  if (this !== conn.backend) return;
-  conn.backendClosed = true;
-  if (conn.connected && !conn.client.destroyed && !closedCleanly(this)) conn.client.destroy();
-  maybeRelease(conn);
-}
-
-function maybeRelease(conn: Connection): void {
-  if (conn.released || !conn.clientClosed) return;
-  if (conn.backend !== null && !conn.backendClosed) return;
-  conn.released = true;
+/** Close both handles (any pending write or connect is cancelled); release once both are closed. */
+function teardown(conn: Connection): void {
+  if (conn.closing) return;
+  conn.closing = true;
   conn.clientStalled = false;
   conn.backendStalled = false;
   unmarkStalled(conn);
-  // Bulk buffers are free once both sockets are closed: no write can be pending.
+  closeHandle(conn.client);
+  if (conn.backend !== null) closeHandle(conn.backend);
+}
+
+function closeHandle(handle: ProxyHandle): void {
+  handle.close(onHandleClose);
+}
+
+function onHandleClose(this: StreamHandle): void {
+  const conn = (this as ProxyHandle)[kConn];
+  if (--conn.openHandles !== 0 || !conn.closing) return;
+  // Both handles are closed: no write can be pending, every buffer is free.
   if (conn.clientBuf !== null) giveBuffer(conn.clientBuf);
   if (conn.backendBuf !== null) giveBuffer(conn.backendBuf);
   if (conn.clientPending !== null) giveBuffer(conn.clientPending);
@@ -460,6 +495,5 @@ function maybeRelease(conn: Connection): void {
 
 /** Tear a connection down now (shutdown of the proxy). */
 export function destroyConnection(conn: Connection): void {
-  conn.client.destroy();
-  conn.backend?.destroy();
+  teardown(conn);
 }

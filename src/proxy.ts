@@ -2,12 +2,12 @@
  * The proxy engine: listening sockets, accept, the connection limit, idle exit
  * and shutdown. One connection's forwarding lives in forward.ts.
  *
- * Accepting: Node's net.Server would wrap every accepted handle in a Socket that
- * cannot read into our own buffers (`onread` is honoured only by the Socket
- * constructor). So once a server is listening we take its handle's
- * `onconnection` callback and build the one Socket per client ourselves. This is
- * the same callback Node's own lib/net.js installs; it has been stable since
- * Node 0.x, and `engines` pins the versions we test on.
+ * Accepting: Node's net.Server would wrap every accepted handle in a net.Socket,
+ * which we do not use (forward.ts works on the handles themselves, see uv.ts).
+ * So once a server is listening we take its handle's `onconnection` callback and
+ * receive the accepted handles directly. This is the same callback Node's own
+ * lib/net.js installs; it has been stable since Node 0.x, and `engines` pins the
+ * versions we test on.
  */
 import { lookup, type LookupAddress } from 'node:dns';
 import { Server } from 'node:net';
@@ -25,6 +25,7 @@ import {
 } from './forward.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
 import { strerror } from './strerror.ts';
+import { checkBindings } from './uv.ts';
 
 export interface ProxyOptions {
   /** Where every connection goes. */
@@ -74,6 +75,8 @@ const MAX_TIMER_MS = 0x7fffffff;
 const INHERITED_BACKLOG = 0x7fffffff;
 
 export function createProxy(options: ProxyOptions): Proxy {
+  // One clear error now rather than a crash on the first connection.
+  checkBindings();
   const logger = options.logger;
   const proxy: Proxy = {
     options,

@@ -251,6 +251,32 @@ export function fdCount(pid: number): number {
   return readdirSync(`/proc/${pid}/fd`).length;
 }
 
+/**
+ * A process's fd count once it has stopped changing (5 equal samples 20 ms apart,
+ * at most 5 s): a proxy closes a finished connection's sockets a loop turn or two
+ * after the client has seen the end, so a count taken right after a probe
+ * connection may still include them.
+ */
+export async function settledFdCount(pid: number): Promise<number> {
+  const deadline = Date.now() + 5000;
+  let last = fdCount(pid);
+  let same = 0;
+  while (same < 5 && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 20));
+    const now = fdCount(pid);
+    same = now === last ? same + 1 : 0;
+    last = now;
+  }
+  return last;
+}
+
+/** Anonymous resident memory of a process in KiB: what a leak grows (the binary's code pages do not count). */
+export function rssAnonKiB(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const m = /RssAnon:\s+([0-9]+) kB/.exec(status);
+  return m === null ? 0 : Number(m[1]);
+}
+
 /** Resident set size of a process in KiB. */
 export function rssKiB(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');

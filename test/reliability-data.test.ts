@@ -14,7 +14,7 @@ import { createCipheriv, createHash, type Hash } from 'node:crypto';
 import { once } from 'node:events';
 import { createConnection, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
-import { connect, fdCount, prng, rssKiB, startBackend, startProxy, waitFor, type Proxy } from './helpers.ts';
+import { connect, fdCount, prng, rssKiB, settledFdCount, startBackend, startProxy, waitFor, type Proxy } from './helpers.ts';
 
 const STRESS = process.env.SOCKET_PROXYD_STRESS === '1';
 const SEED = Number(process.env.SOCKET_PROXYD_SEED ?? Math.floor(Math.random() * 2 ** 31));
@@ -428,7 +428,7 @@ test('scale: 8,000 concurrent connections through one proxy, each echoes its own
     const target = targetOf(proxy);
     await ready(proxy);
     await waitFor(() => fdCount(proxy.pid) > 0, 1000);
-    const baseFds = fdCount(proxy.pid);
+    const baseFds = await settledFdCount(proxy.pid);
     const started = Date.now();
     /** Wait until the proxy holds both sockets of `n` connections. */
     const proxyHolds = async (n: number, ms: number): Promise<void> => {

@@ -1,0 +1,143 @@
+/**
+ * Node's libuv stream handles, the layer net.Socket is built on, typed as far as
+ * we use them. This is the one file that touches Node's private bindings.
+ *
+ * Why go below net.Socket: a proxied connection is two sockets that only move
+ * bytes. A net.Socket brings a Readable and a Writable state, listener tables,
+ * a handle wrapper and a tick of deferred work for every connect and write; for
+ * a proxy that is most of the CPU spent per connection outside the kernel and
+ * most of the memory an idle connection costs. The handles underneath do exactly
+ * what we need: read into a buffer we own (`useUserBuffer`, the mechanism behind
+ * net's `onread` option), write a buffer, shut down, close.
+ *
+ * Stability: these are the bindings lib/net.js itself uses (tcp_wrap, pipe_wrap,
+ * stream_wrap), reachable through `process.binding`, which Node keeps for exactly
+ * these modules (an allow-list; deprecated in documentation only, DEP0111). Their
+ * shape has not changed since Node 12. `engines` pins the majors we test on, and
+ * loadBindings() checks every member we call at start-up, so a Node that changed
+ * them fails with one clear line instead of misbehaving on the first connection.
+ */
+import { ProxyError, EINVAL } from './errors.ts';
+
+/** A connected (or connecting) TCP or UNIX stream socket: Node's TCPWrap or PipeWrap. */
+export interface StreamHandle {
+  /** Called with `this` the handle after each read; the byte count or a negative errno is in streamBaseState. */
+  /** Must be a function (C++ checks); it returns the buffer for the next read, or undefined to keep the current one. */
+  onread: (this: StreamHandle) => Buffer | undefined;
+  /** Read into this buffer from now on (the read callback may return the next one). */
+  useUserBuffer(buf: Uint8Array): void;
+  readStart(): number;
+  readStop(): number;
+  /** 0 or a negative errno; whether it completed at once is in streamBaseState[kLastWriteWasAsync]. */
+  writeBuffer(req: WriteReq, buf: Uint8Array): number;
+  shutdown(req: ShutdownReq): number;
+  close(callback?: (this: StreamHandle) => void): void;
+  getpeername?(out: Record<string, unknown>): number;
+}
+
+export interface TcpHandle extends StreamHandle {
+  connect(req: ConnectReq, address: string, port: number): number;
+  connect6(req: ConnectReq, address: string, port: number): number;
+}
+
+export interface PipeHandle extends StreamHandle {
+  connect(req: ConnectReq, path: string): number;
+}
+
+/** A write in flight: C++ calls oncomplete(status, handle) when it completes later. */
+export interface WriteReq {
+  oncomplete: (this: WriteReq, status: number, handle: StreamHandle) => void;
+  /** Keeps the written buffer alive while the kernel has not taken it all (C++ holds only a pointer). */
+  buffer: Uint8Array | null;
+}
+
+export interface ShutdownReq {
+  oncomplete: (this: ShutdownReq, status: number, handle: StreamHandle) => void;
+}
+
+export interface ConnectReq {
+  oncomplete: (this: ConnectReq, status: number, handle: StreamHandle) => void;
+}
+
+export interface Bindings {
+  readonly TCP: new (type: number) => TcpHandle;
+  readonly Pipe: new (type: number) => PipeHandle;
+  readonly TCPConnectWrap: new () => ConnectReq;
+  readonly PipeConnectWrap: new () => ConnectReq;
+  readonly WriteWrap: new () => WriteReq;
+  readonly ShutdownWrap: new () => ShutdownReq;
+  /** TCP.constants.SOCKET / Pipe.constants.SOCKET: a handle for an outgoing connection. */
+  readonly TCP_SOCKET: number;
+  readonly PIPE_SOCKET: number;
+  /** Shared with C++: results of the last read and write. */
+  readonly state: Int32Array;
+  readonly kReadBytesOrError: number;
+  readonly kLastWriteWasAsync: number;
+}
+
+/** libuv's UV_EOF: what a read reports for an orderly end of stream. */
+export const UV_EOF = -4095;
+
+type Binding = Record<string, unknown>;
+
+function member<T>(binding: Binding, name: string, kind: 'function' | 'number' | 'object'): T {
+  const value = binding[name];
+  if (typeof value !== kind) {
+    throw new ProxyError('ERR_NODE_INTERNALS', `This Node.js (${process.version}) lacks ${name}, which socket-proxyd needs.`, EINVAL);
+  }
+  return value as T;
+}
+
+function loadBindings(): Bindings {
+  const binding = (process as unknown as { binding?: (name: string) => Binding }).binding;
+  if (typeof binding !== 'function') {
+    throw new ProxyError('ERR_NODE_INTERNALS', `This Node.js (${process.version}) lacks process.binding, which socket-proxyd needs.`, EINVAL);
+  }
+  const tcp = binding('tcp_wrap');
+  const pipe = binding('pipe_wrap');
+  const stream = binding('stream_wrap');
+  const tcpConstants = member<Binding>(tcp, 'constants', 'object');
+  const pipeConstants = member<Binding>(pipe, 'constants', 'object');
+  const TCP = member<Bindings['TCP']>(tcp, 'TCP', 'function');
+  const Pipe = member<Bindings['Pipe']>(pipe, 'Pipe', 'function');
+  for (const proto of [TCP.prototype as Binding, Pipe.prototype as Binding]) {
+    for (const name of ['useUserBuffer', 'readStart', 'readStop', 'writeBuffer', 'shutdown', 'close', 'connect']) {
+      member(proto, name, 'function');
+    }
+  }
+  member(TCP.prototype as Binding, 'connect6', 'function');
+  return {
+    TCP,
+    Pipe,
+    TCPConnectWrap: member(tcp, 'TCPConnectWrap', 'function'),
+    PipeConnectWrap: member(pipe, 'PipeConnectWrap', 'function'),
+    WriteWrap: member(stream, 'WriteWrap', 'function'),
+    ShutdownWrap: member(stream, 'ShutdownWrap', 'function'),
+    TCP_SOCKET: member(tcpConstants, 'SOCKET', 'number'),
+    PIPE_SOCKET: member(pipeConstants, 'SOCKET', 'number'),
+    state: member(stream, 'streamBaseState', 'object'),
+    kReadBytesOrError: member(stream, 'kReadBytesOrError', 'number'),
+    kLastWriteWasAsync: member(stream, 'kLastWriteWasAsync', 'number'),
+  };
+}
+
+let loaded: Bindings | null = null;
+let loadError: ProxyError | null = null;
+try {
+  loaded = loadBindings();
+} catch (err) {
+  loadError =
+    err instanceof ProxyError
+      ? err
+      : new ProxyError('ERR_NODE_INTERNALS', `Cannot load Node.js stream bindings: ${(err as Error).message}`, EINVAL);
+}
+
+/**
+ * The bindings, resolved once at load so the data path reads plain constants. On a
+ * Node without them this is empty and checkBindings() (called by createProxy) throws.
+ */
+export const uv: Bindings = loaded ?? ({} as Bindings);
+
+export function checkBindings(): void {
+  if (loadError !== null) throw loadError;
+}
