@@ -299,6 +299,9 @@ function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: n
   const req = writeReq;
   const err = dest.writeBuffer(req, chunk);
   if (err !== 0) {
+    // A write that failed after queueing part of itself disposed of its request's
+    // native half: start over with a fresh request rather than reuse that object.
+    writeReq = newWriteReq();
     if (own !== null) giveBuffer(own);
     if (fromClient) conn.clientBuf = null;
     else conn.backendBuf = null;
