@@ -74,7 +74,8 @@ const kLastWriteWasAsync = uv.kLastWriteWasAsync;
  * touches its request object, so one serves every such write; a write left
  * pending keeps its request, and a fresh one takes its place.
  */
-let writeReq: WriteReq = newWriteReq();
+let writeReq: WriteReq = uv.WriteWrap === undefined ? (null as unknown as WriteReq) : newWriteReq();
+// (Without the bindings, createProxy() throws before any connection exists: see uv.ts.)
 
 function newWriteReq(): WriteReq {
   const req = new uv.WriteWrap();

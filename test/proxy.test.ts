@@ -574,3 +574,14 @@ describe('targets refused at start-up', () => {
     });
   }
 });
+
+test('a Node.js without the stream bindings the data path needs: one line, exit 1, before any connection', async () => {
+  // The data path uses Node's stream handles through process.binding (src/uv.ts); take it away.
+  const r = await runProxy({
+    args: ['127.0.0.1:9'],
+    listen: [{ kind: 'tcp' }],
+    env: { NODE_OPTIONS: '--import=data:text/javascript,delete(process.binding)' },
+  });
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^This Node\.js \(v[0-9.]+\) lacks process\.binding, which socket-proxyd needs\.\n$/);
+});
