@@ -37,7 +37,10 @@
  * no pending write references it. SHARED is never passed to writeBuffer(); a bulk
  * buffer is read into again only when the write from it completed at once, and one
  * a pending write holds goes back to the free list only when that write completes
- * (or once both handles are closed, which cancels it).
+ * (or once both handles are closed, which cancels it). And the buffer a read went
+ * into is always the one the connection names for that direction: every callback
+ * that changes conn.clientBuf/backendBuf returns the same buffer to the handle, and
+ * an empty read (n = 0) changes neither.
  */
 import { LOG_DEBUG, LOG_ERR } from './log.ts';
 import { strerror } from './strerror.ts';
@@ -254,23 +257,25 @@ function errnoCode(status: number): { code: string } {
 }
 
 /** A read on the client (`this`): forward it, or handle EOF / an error. Returns the next read buffer. */
-function onClientRead(this: StreamHandle): Buffer {
+function onClientRead(this: StreamHandle): Buffer | undefined {
   const n = state[kReadBytesOrError] as number;
   const client = this as ProxyHandle;
   const conn = client[kConn];
   if (n > 0) return forwardRead(conn, client, conn.backend as ProxyHandle, n, true);
-  if (n < 0) readEnded(conn, client, n, true);
-  // No more reads come after EOF or an error, but a handle must never be left
-  // pointing at a buffer we gave away.
+  // 0: the read found nothing (EAGAIN after a read that filled the buffer). The
+  // handle must keep the buffer it has, which is the one conn.clientBuf names.
+  if (n === 0) return undefined;
+  readEnded(conn, client, n, true);
   return SHARED;
 }
 
-function onBackendRead(this: StreamHandle): Buffer {
+function onBackendRead(this: StreamHandle): Buffer | undefined {
   const n = state[kReadBytesOrError] as number;
   const backend = this as ProxyHandle;
   const conn = backend[kConn];
   if (n > 0) return forwardRead(conn, backend, conn.client, n, false);
-  if (n < 0) readEnded(conn, backend, n, false);
+  if (n === 0) return undefined;
+  readEnded(conn, backend, n, false);
   return SHARED;
 }
 
@@ -374,6 +379,10 @@ function onWriteComplete(this: WriteReq, status: number, handle: StreamHandle): 
  */
 function readEnded(conn: Connection, src: ProxyHandle, n: number, fromClient: boolean): void {
   if (conn.closing) return;
+  // Nothing reads from src again: reading is never restarted after EOF or an error
+  // (onWriteComplete only restarts a direction that stopped for a write, and a
+  // stopped direction cannot see EOF). So its bulk buffer can go back now, even on
+  // libuv's end-of-stream path where Node ignores the buffer onread returns.
   const own = fromClient ? conn.clientBuf : conn.backendBuf;
   if (own !== null) giveBuffer(own);
   if (fromClient) conn.clientBuf = null;

@@ -638,3 +638,64 @@ test('idle after a burst: 500 connections that moved 64 KiB each way and went qu
     assert.ok(growth < 16 * 1024, `proxy RSS grew by ${growth} KiB for idle connections`);
   });
 });
+
+test('request/response of 1 MiB each way, 20 rounds on one connection: reads that exactly fill the buffer, then find nothing, lose no byte', { timeout: 60_000 }, async () => {
+  // 1 MiB is two full 512 KiB reads; the next read finds the socket empty (n = 0). A proxy
+  // that switched buffers on that empty read forwarded stale bytes (found in review).
+  const size = 1024 * 1024;
+  const rounds = 20;
+  const requests = keystream('rr-request');
+  const responses = keystream('rr-response');
+  const sentRequests: Buffer[] = [];
+  const sentResponses: Buffer[] = [];
+  for (let i = 0; i < rounds; i++) {
+    sentRequests.push(requests(size));
+    sentResponses.push(responses(size));
+  }
+  const gotRequests: Buffer[] = [];
+  const backend = await startBackend((s) => {
+    let pending: Buffer[] = [];
+    let have = 0;
+    s.on('data', (d: Buffer) => {
+      pending.push(d);
+      have += d.length;
+      if (have < size) return;
+      const all = Buffer.concat(pending);
+      gotRequests.push(all.subarray(0, size));
+      pending = [all.subarray(size)];
+      have -= size;
+      const next = sentResponses[gotRequests.length - 1];
+      if (next !== undefined) s.write(next);
+    });
+  });
+  const proxy = await startProxy({ args: [backend.address], listen: [{ kind: 'tcp' }] });
+  await withProxy(proxy, [backend], async () => {
+    const s = await connect(targetOf(proxy));
+    const gotResponses: Buffer[] = [];
+    let buf: Buffer[] = [];
+    let have = 0;
+    const done = new Promise<void>((resolve, reject) => {
+      s.on('data', (d: Buffer) => {
+        buf.push(d);
+        have += d.length;
+        if (have < size) return;
+        const all = Buffer.concat(buf);
+        gotResponses.push(all.subarray(0, size));
+        buf = [all.subarray(size)];
+        have -= size;
+        const next = sentRequests[gotResponses.length];
+        if (next === undefined) resolve();
+        else s.write(next);
+      });
+      s.once('error', reject);
+    });
+    s.write(sentRequests[0] as Buffer);
+    await withTimeout(done, 50_000, 'request/response rounds');
+    s.destroy();
+    assert.equal(gotRequests.length, rounds);
+    for (let i = 0; i < rounds; i++) {
+      assert.ok((gotRequests[i] as Buffer).equals(sentRequests[i] as Buffer), `request ${i} differs`);
+      assert.ok((gotResponses[i] as Buffer).equals(sentResponses[i] as Buffer), `response ${i} differs`);
+    }
+  });
+});
