@@ -344,17 +344,27 @@ function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: n
   return own ?? SHARED;
 }
 
+/**
+ * A write or shutdown on `handle` completed. Returns its connection if there is more
+ * to do: not when the connection is closing (closing cancels pending requests;
+ * buffers are given back once both handles are closed), nor after an error.
+ */
+function completed(status: number, handle: StreamHandle): Connection | null {
+  const conn = (handle as ProxyHandle)[kConn];
+  if (conn.closing) return null;
+  if (status < 0) {
+    fail(conn, handle, status);
+    return null;
+  }
+  return conn;
+}
+
 /** A pending write to `handle` completed: its buffer is free, and its source may be read again. */
 function onWriteComplete(this: WriteReq, status: number, handle: StreamHandle): void {
   this.buffer = null;
+  const conn = completed(status, handle);
+  if (conn === null) return;
   const dest = handle as ProxyHandle;
-  const conn = dest[kConn];
-  // Closing cancels pending writes; buffers are given back once both handles are closed.
-  if (conn.closing) return;
-  if (status < 0) {
-    fail(conn, dest, status);
-    return;
-  }
   let src: ProxyHandle;
   if (dest === conn.backend) {
     src = conn.client;
@@ -407,14 +417,9 @@ function readEnded(conn: Connection, src: ProxyHandle, n: number, fromClient: bo
 
 /** The write side of `handle` is shut down: that direction is done. */
 function onShutdownComplete(this: ShutdownReq, status: number, handle: StreamHandle): void {
-  const dest = handle as ProxyHandle;
-  const conn = dest[kConn];
-  if (conn.closing) return;
-  if (status < 0) {
-    fail(conn, dest, status);
-    return;
-  }
-  if (dest === conn.backend) conn.clientDone = true;
+  const conn = completed(status, handle);
+  if (conn === null) return;
+  if (handle === conn.backend) conn.clientDone = true;
   else conn.backendDone = true;
   // Both directions finished normally: nothing is left to read or to write.
   if (conn.clientDone && conn.backendDone) teardown(conn);

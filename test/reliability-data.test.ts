@@ -652,41 +652,45 @@ test('request/response of 1 MiB each way, 20 rounds on one connection: reads tha
     sentRequests.push(requests(size));
     sentResponses.push(responses(size));
   }
-  const gotRequests: Buffer[] = [];
-  const backend = await startBackend((s) => {
+  /** A 'data' handler that cuts the stream into messages of `size` bytes. */
+  const messages = (onMessage: (m: Buffer) => void): ((d: Buffer) => void) => {
     let pending: Buffer[] = [];
     let have = 0;
-    s.on('data', (d: Buffer) => {
+    return (d) => {
       pending.push(d);
       have += d.length;
       if (have < size) return;
       const all = Buffer.concat(pending);
-      gotRequests.push(all.subarray(0, size));
       pending = [all.subarray(size)];
       have -= size;
-      const next = sentResponses[gotRequests.length - 1];
-      if (next !== undefined) s.write(next);
-    });
+      onMessage(all.subarray(0, size));
+    };
+  };
+  const gotRequests: Buffer[] = [];
+  const backend = await startBackend((s) => {
+    s.on(
+      'data',
+      messages((m) => {
+        gotRequests.push(m);
+        const next = sentResponses[gotRequests.length - 1];
+        if (next !== undefined) s.write(next);
+      }),
+    );
   });
   const proxy = await startProxy({ args: [backend.address], listen: [{ kind: 'tcp' }] });
   await withProxy(proxy, [backend], async () => {
     const s = await connect(targetOf(proxy));
     const gotResponses: Buffer[] = [];
-    let buf: Buffer[] = [];
-    let have = 0;
     const done = new Promise<void>((resolve, reject) => {
-      s.on('data', (d: Buffer) => {
-        buf.push(d);
-        have += d.length;
-        if (have < size) return;
-        const all = Buffer.concat(buf);
-        gotResponses.push(all.subarray(0, size));
-        buf = [all.subarray(size)];
-        have -= size;
-        const next = sentRequests[gotResponses.length];
-        if (next === undefined) resolve();
-        else s.write(next);
-      });
+      s.on(
+        'data',
+        messages((m) => {
+          gotResponses.push(m);
+          const next = sentRequests[gotResponses.length];
+          if (next === undefined) resolve();
+          else s.write(next);
+        }),
+      );
       s.once('error', reject);
     });
     s.write(sentRequests[0] as Buffer);
