@@ -105,8 +105,6 @@ export interface Connection {
   readonly owner: ConnectionOwner;
   readonly client: ProxyHandle;
   backend: ProxyHandle | null;
-  /** Backend is connected and forwarding has started. */
-  connected: boolean;
   /** Per direction: the bulk buffer being read into, or null while using SHARED. */
   clientBuf: Buffer | null;
   backendBuf: Buffer | null;
@@ -144,7 +142,6 @@ export function startConnection(owner: ConnectionOwner, handle: StreamHandle): C
     owner,
     client,
     backend: null,
-    connected: false,
     clientBuf: null,
     backendBuf: null,
     clientStalled: false,
@@ -238,7 +235,6 @@ function onConnectComplete(status: number, handle: StreamHandle): void {
     teardown(conn);
     return;
   }
-  conn.connected = true;
   conn.candidates = [];
   const client = conn.client;
   client.useUserBuffer(SHARED);

@@ -124,6 +124,16 @@ async function switchableBackend(): Promise<{ backend: Backend; use(h: (s: Socke
   return { backend, use: (h) => (handler = h) };
 }
 
+/** The next connection the backend accepts, paused: a backend that never reads. */
+function nextPausedAccept(use: (h: (s: Socket) => void) => void): Promise<Socket> {
+  return new Promise<Socket>((resolve) =>
+    use((s) => {
+      s.pause();
+      resolve(s);
+    }),
+  );
+}
+
 /** Start a proxy to `address`, wait until it serves, and measure its idle fd count. */
 async function proxyTo(address: string, args: string[] = []): Promise<{ proxy: Proxy; base: number }> {
   const proxy = await startProxy({ args: [...args, address], listen: [{ kind: 'tcp' }] });
@@ -321,12 +331,7 @@ test('peer faults: a backend that accepts and never reads: memory bounded, half-
   const { proxy, base } = await proxyTo(backend.address);
   try {
     // (a) The client pushes 64 MiB at a backend that does not read, then half-closes.
-    const accepted = new Promise<Socket>((resolve) =>
-      use((s) => {
-        s.pause();
-        resolve(s);
-      }),
-    );
+    const accepted = nextPausedAccept(use);
     const c = await connect(targetOf(proxy));
     const b = await withTimeout(accepted, 5000, 'backend accept');
     const rss0 = rssKiB(proxy.pid);
@@ -393,12 +398,7 @@ test('peer faults: a backend that never reads, and the client resets: the backen
   const { backend, use } = await switchableBackend();
   const { proxy, base } = await proxyTo(backend.address);
   try {
-    const accepted2 = new Promise<Socket>((resolve) =>
-      use((s) => {
-        s.pause();
-        resolve(s);
-      }),
-    );
+    const accepted2 = nextPausedAccept(use);
     const c2 = await connect(targetOf(proxy));
     const b2 = await withTimeout(accepted2, 5000, 'backend accept');
     c2.on('error', () => {});
