@@ -18,6 +18,7 @@ export interface Options {
   connectionsMax: number; // default 256
   exitIdleTimeUsec: bigint | null; // null = infinity (the default)
   listen: string[]; // --listen=ADDR values in order (our extension), default []
+  proxyProtocol: 'v1' | 'v2' | null; // --proxy-protocol= (v1 as systemd v261, v2 ours), default null: no header
   target: string; // the one positional argument
 }
 
@@ -26,7 +27,7 @@ export type Parsed =
   | { action: 'version' }
   | { action: 'run'; options: Options };
 
-type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen';
+type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol';
 type OptionId = ValueOptionId | 'help' | 'version';
 
 interface LongOption {
@@ -37,8 +38,8 @@ interface LongOption {
 
 /*
  * Order matters: glibc lists ambiguous candidates in table order. The first four are in
- * the order the reference prints them; `listen` goes last so our ambiguity message is the
- * reference's plus " '--listen'".
+ * the order the reference prints them; the options added since go after them, so an
+ * ambiguity message is the reference's plus the newer names.
  */
 const LONG_OPTIONS: readonly LongOption[] = [
   { name: 'connections-max', hasArg: true, id: 'connections-max' },
@@ -46,6 +47,7 @@ const LONG_OPTIONS: readonly LongOption[] = [
   { name: 'help', hasArg: false, id: 'help' },
   { name: 'version', hasArg: false, id: 'version' },
   { name: 'listen', hasArg: true, id: 'listen' },
+  { name: 'proxy-protocol', hasArg: true, id: 'proxy-protocol' },
 ];
 
 function usage(message: string, errno: number = EINVAL): ProxyError {
@@ -175,6 +177,11 @@ function apply(id: ValueOptionId, arg: string, options: Options): void {
       // Stored raw: the listener module validates addresses and reports its own errors.
       options.listen.push(arg);
       return;
+    case 'proxy-protocol':
+      // Exact and case-sensitive, like systemd's proxy_protocol_from_string().
+      if (arg !== 'v1' && arg !== 'v2') throw usage(`Failed to parse --proxy-protocol= argument: ${arg}`);
+      options.proxyProtocol = arg;
+      return;
   }
 }
 
@@ -190,7 +197,7 @@ export function parseArgv(
   env: { POSIXLY_CORRECT?: string | undefined } = {},
 ): Parsed {
   const requireOrder = env.POSIXLY_CORRECT !== undefined;
-  const options: Options = { connectionsMax: 256, exitIdleTimeUsec: null, listen: [], target: '' };
+  const options: Options = { connectionsMax: 256, exitIdleTimeUsec: null, listen: [], proxyProtocol: null, target: '' };
   const positional: string[] = [];
 
   let i = 0;
@@ -268,6 +275,10 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
      --listen=ADDRESS     Listen on ADDRESS instead of on sockets passed in by
                           systemd: HOST:PORT, [IPv6]:PORT, /path or @abstract;
                           may be repeated
+     --proxy-protocol=v1|v2
+                          Send the backend a PROXY protocol header (v1: text, as
+                          haproxy's send-proxy; v2: binary) with the client's
+                          address, before any of the client's bytes
   -h --help               Show this help
      --version            Show package version
 

@@ -44,6 +44,7 @@
  */
 import { LOG_DEBUG, LOG_ERR } from './log.ts';
 import { strerror } from './strerror.ts';
+import { headerFor, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
 import { uv, UV_EOF, type ConnectReq, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
 import type { Address } from './address.ts';
@@ -95,6 +96,8 @@ export interface ConnectionOwner {
   readonly release: (conn: Connection) => void;
   /** Resolves a host name to the addresses to try, in order (getaddrinfo order). */
   readonly resolve: (conn: Connection) => void;
+  /** PROXY protocol header to send each backend first: 0 none, 1 v1, 2 v2. */
+  readonly proxyProtocol: ProxyProtocolVersion;
 }
 
 /**
@@ -236,6 +239,8 @@ function onConnectComplete(status: number, handle: StreamHandle): void {
     return;
   }
   conn.candidates = [];
+  // The header goes out before the client is read, so no client byte can overtake it.
+  if (conn.owner.proxyProtocol !== 0 && !sendProxyHeader(conn, backend, conn.owner.proxyProtocol)) return;
   const client = conn.client;
   client.useUserBuffer(SHARED);
   backend.useUserBuffer(SHARED);
@@ -246,6 +251,45 @@ function onConnectComplete(status: number, handle: StreamHandle): void {
   }
   err = backend.readStart();
   if (err !== 0) fail(conn, backend, err);
+}
+
+/**
+ * Write the PROXY protocol header to a backend that just connected: one write, so it
+ * leaves in one segment (nginx reads it with a single peek, haproxy rejects a short
+ * one). A fresh socket's send buffer is empty, so the kernel takes it at once; should
+ * it not, libuv finishes the write before any later one (the client's bytes). A
+ * failure is logged at error level, as upstream does, and ends the connection.
+ * Returns false if the connection was torn down.
+ */
+function sendProxyHeader(conn: Connection, backend: ProxyHandle, version: 1 | 2): boolean {
+  const { header, fallback } = headerFor(version, conn.client);
+  if (fallback) conn.owner.log(LOG_DEBUG, version === 1 ? MSG_FALLBACK_V1 : MSG_FALLBACK_V2);
+  const req = writeReq;
+  const err = backend.writeBuffer(req, header);
+  if (err !== 0) {
+    writeReq = newWriteReq();
+    headerFailed(conn, err);
+    return false;
+  }
+  if (state[kLastWriteWasAsync] !== 0) {
+    // Left pending: the request keeps the header alive and reports to its own handler.
+    req.buffer = header;
+    req.oncomplete = onHeaderWriteComplete;
+    writeReq = newWriteReq();
+  }
+  return true;
+}
+
+function onHeaderWriteComplete(this: WriteReq, status: number, handle: StreamHandle): void {
+  this.buffer = null;
+  const conn = (handle as ProxyHandle)[kConn];
+  if (conn.closing || status >= 0) return;
+  headerFailed(conn, status);
+}
+
+function headerFailed(conn: Connection, err: number): void {
+  conn.owner.log(LOG_ERR, `Failed to write to remote host: ${strerror(errnoCode(err))}`);
+  teardown(conn);
 }
 
 function errnoCode(status: number): { code: string } {

@@ -147,6 +147,7 @@ export async function main(argv: string[]): Promise<void> {
       target,
       connectionsMax: options.connectionsMax,
       exitIdleTimeUsec: options.exitIdleTimeUsec,
+      proxyProtocol: options.proxyProtocol,
       logger,
       onIdle: stop,
     });

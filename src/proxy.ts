@@ -42,6 +42,11 @@ export interface ProxyOptions {
    * i.e. getaddrinfo). Embedders may plug in their own, e.g. for service discovery.
    */
   readonly lookup?: LookupFunction;
+  /**
+   * Send each backend a PROXY protocol header (haproxy's spec) naming the client,
+   * before any of the client's bytes: 'v1' (text) or 'v2' (binary). Default: none.
+   */
+  readonly proxyProtocol?: 'v1' | 'v2' | null;
 }
 
 /** The dns.lookup shape we use: all addresses, in the resolver's order. */
@@ -84,6 +89,7 @@ export function createProxy(options: ProxyOptions): Proxy {
     log: logger.log.bind(logger),
     release: releaseConnection,
     resolve: resolveTarget,
+    proxyProtocol: options.proxyProtocol === 'v1' ? 1 : options.proxyProtocol === 'v2' ? 2 : 0,
     servers: [],
     connections: new Set(),
     idleTimer: null,

@@ -22,7 +22,7 @@ const REF = '/lib/systemd/systemd-socket-proxyd';
 type Want =
   | { kind: 'help' }
   | { kind: 'version' }
-  | { kind: 'run'; target: string; c: number; idle: bigint | null; listen: string[] }
+  | { kind: 'run'; target: string; c: number; idle: bigint | null; listen: string[]; pp: 'v1' | 'v2' | null }
   | { kind: 'error'; message: string; errno: number };
 
 interface Row {
@@ -38,8 +38,8 @@ interface Row {
 
 const HELP: Want = { kind: 'help' };
 const VERSION: Want = { kind: 'version' };
-function ok(target: string, v: { c?: number; idle?: bigint | null; listen?: string[] } = {}): Want {
-  return { kind: 'run', target, c: v.c ?? 256, idle: v.idle === undefined ? null : v.idle, listen: v.listen ?? [] };
+function ok(target: string, v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2' } = {}): Want {
+  return { kind: 'run', target, c: v.c ?? 256, idle: v.idle === undefined ? null : v.idle, listen: v.listen ?? [], pp: v.pp ?? null };
 }
 /** A systemd-side message (no prefix). */
 function fail(message: string, errno: number = EINVAL): Want {
@@ -111,9 +111,9 @@ const TABLE: Row[] = [
     argv: ['--=5', 'x'],
     want: glibc(
       "option '--=5' is ambiguous; possibilities:" +
-        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen'",
+        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol'",
     ),
-    refSuffix: " '--listen'",
+    refSuffix: " '--listen' '--proxy-protocol'",
   },
 
   // GNU permutation and strict left-to-right: the first decisive option wins.
@@ -186,6 +186,18 @@ const TABLE: Row[] = [
   { argv: ['x', '--listen', '-h'], oursOnly: true, want: ok('x', { listen: ['-h'] }) },
   { argv: ['--listen'], oursOnly: true, want: glibc("option '--listen' requires an argument") },
   { argv: ['--listen=a', '-h'], oursOnly: true, want: HELP },
+
+  // --proxy-protocol (systemd v261 has v1; v2 is ours): long only, exact, case-sensitive.
+  { argv: ['--proxy-protocol=v1', 'x'], oursOnly: true, want: ok('x', { pp: 'v1' }) },
+  { argv: ['x', '--proxy-protocol', 'v2'], oursOnly: true, want: ok('x', { pp: 'v2' }) },
+  { argv: ['--proxy-protocol=v1', '--prox=v2', 'x'], oursOnly: true, want: ok('x', { pp: 'v2' }) }, // last wins
+  { argv: ['--proxy-protocol=V1', 'x'], oursOnly: true, want: fail('Failed to parse --proxy-protocol= argument: V1') },
+  { argv: ['--proxy-protocol=v3', 'x'], oursOnly: true, want: fail('Failed to parse --proxy-protocol= argument: v3') },
+  { argv: ['--proxy-protocol=', 'x'], oursOnly: true, want: fail('Failed to parse --proxy-protocol= argument: ') },
+  { argv: ['--proxy-protocol=v1 ', 'x'], oursOnly: true, want: fail('Failed to parse --proxy-protocol= argument: v1 ') },
+  { argv: ['--proxy-protocol'], oursOnly: true, want: glibc("option '--proxy-protocol' requires an argument") },
+  { argv: ['--proxy-protocol=x', '-h'], oursOnly: true, want: fail('Failed to parse --proxy-protocol= argument: x') },
+  { argv: ['-p', 'v1', 'x'], oursOnly: true, want: glibc("invalid option -- 'p'") }, // no short form, as upstream
 ];
 
 type Outcome =
@@ -327,7 +339,7 @@ for (const row of TABLE) {
       if (want.kind === 'run') {
         assert.deepEqual(ours, {
           action: 'run',
-          options: { connectionsMax: want.c, exitIdleTimeUsec: want.idle, listen: want.listen, target: want.target },
+          options: { connectionsMax: want.c, exitIdleTimeUsec: want.idle, listen: want.listen, proxyProtocol: want.pp, target: want.target },
         });
       } else {
         assert.deepEqual(ours, { action: want.kind });
@@ -398,6 +410,10 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
      --listen=ADDRESS     Listen on ADDRESS instead of on sockets passed in by
                           systemd: HOST:PORT, [IPv6]:PORT, /path or @abstract;
                           may be repeated
+     --proxy-protocol=v1|v2
+                          Send the backend a PROXY protocol header (v1: text, as
+                          haproxy's send-proxy; v2: binary) with the client's
+                          address, before any of the client's bytes
   -h --help               Show this help
      --version            Show package version
 
