@@ -7,7 +7,9 @@
  *   @name              abstract UNIX socket (exact-length address: <= 107 bytes after '@')
  *   HOST:PORT          split at the LAST colon, so "::1:8080" is [::1] port 8080 (as the reference)
  *   [IPV6]:PORT        bracketed IPv6 (the reference cannot parse this: systemd issue #35621)
- *   HOST               no colon: port 80, as the reference
+ *   HOST               no colon: port 80, as the reference (TARGET only)
+ *   PORT               --listen= only: a bare port means every address, as systemd's
+ *                      ListenStream=PORT ([::]:PORT, dual-stack)
  *   PORT may be a number 1..65535 or a service name from /etc/services (tcp).
  */
 import { readFileSync } from 'node:fs';
@@ -17,8 +19,18 @@ import { ENAMETOOLONG, EINVAL, ProxyError } from './errors.ts';
 export type Address =
   /** `path` is what Node's net API takes: abstract names start with "\0". */
   | { readonly kind: 'unix'; readonly path: string; readonly text: string }
-  /** An IP literal: connect without any DNS lookup. */
-  | { readonly kind: 'ip'; readonly host: string; readonly port: number; readonly family: 4 | 6; readonly text: string }
+  /**
+   * An IP literal: connect without any DNS lookup. `anyAddress`: a bare `--listen=PORT`,
+   * every address as systemd's ListenStream=PORT (IPv6 dual-stack, IPv4 without IPv6).
+   */
+  | {
+      readonly kind: 'ip';
+      readonly host: string;
+      readonly port: number;
+      readonly family: 4 | 6;
+      readonly text: string;
+      readonly anyAddress?: boolean;
+    }
   /** A host name: resolved (getaddrinfo) on every connection, so DNS changes apply without restart. */
   | { readonly kind: 'name'; readonly host: string; readonly port: number; readonly text: string };
 
@@ -130,6 +142,19 @@ export function parseAddress(text: string, allowPortZero = false): Address {
     throw new ProxyError('ERR_TARGET', `Invalid address '${text}': host name contains white space.`, EINVAL);
   }
   return { kind: 'name', host, port, text };
+}
+
+/**
+ * Parse a --listen= address. As a TARGET, "7303" would be host 7303 port 80 (the
+ * reference's reading, kept for TARGET); to listen on, a bare port means what
+ * ListenStream=7303 means in a socket unit: every address, dual-stack.
+ */
+export function parseListenAddress(text: string): Address {
+  if (/^[0-9]+$/.test(text)) {
+    const port = parsePort(text, text, true);
+    return { kind: 'ip', host: '::', port, family: 6, text, anyAddress: true };
+  }
+  return parseAddress(text, true);
 }
 
 /** How an address is shown in messages: [v6]:port, v4:port, /path, @abstract. */

@@ -272,9 +272,9 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
      --exit-idle-time=SPAN
                           Exit when without a connection for this duration. See
                           the systemd.time(7) man page for time span format
-     --listen=ADDRESS     Listen on ADDRESS instead of on sockets passed in by
-                          systemd: HOST:PORT, [IPv6]:PORT, /path or @abstract;
-                          may be repeated
+     --listen=ADDRESS     Also listen on ADDRESS, besides any sockets passed in
+                          by systemd: PORT (every address), HOST:PORT,
+                          [IPv6]:PORT, /path or @abstract; may be repeated
      --proxy-protocol=v1|v2
                           Send the backend a PROXY protocol header (v1: text, as
                           haproxy's send-proxy; v2: binary) with the client's

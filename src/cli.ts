@@ -1,9 +1,51 @@
 #!/usr/bin/env node
 // Entry point. It runs in the process systemd started (LISTEN_PID must stay ours),
-// so it never spawns a wrapper. Node's compile cache makes repeated starts
-// cheaper; it is enabled before the rest of the program is loaded.
-import module from 'node:module';
+// so it never spawns a wrapper.
+//
+// First the Node.js version: `#!/usr/bin/env node` runs whatever `node` comes first in
+// PATH, and under systemd that is often the distribution's older one, on which the
+// proxy would start and then fail on connections (Node 20 cannot reach @abstract
+// targets). So this file checks before it loads anything, and it is written so that
+// older Nodes can run the check too: no static import, no top-level await, no syntax
+// newer than they parse. The bundle (main.js) is loaded only on a Node we support.
+//
+// Keep NODE_MIN in step with "engines" in package.json (test/startup.test.ts checks).
+const NODE_MIN = [22, 12] as const;
 
-module.enableCompileCache?.();
-const { main } = await import('./main.ts');
-main(process.argv.slice(2));
+function nodeTooOld(version: string): boolean {
+  const parts = version.split('.');
+  const major = Number(parts[0]);
+  const minor = Number(parts[1]);
+  return major < NODE_MIN[0] || (major === NODE_MIN[0] && minor < NODE_MIN[1]);
+}
+
+/** One line on stderr, with the journal's error priority when stderr is the journal, then exit 1. */
+function refuseOldNode(): void {
+  const line =
+    'Node.js v' + process.versions.node + ' (' + process.execPath + ') is too old: socket-proxyd needs Node.js >=' +
+    NODE_MIN.join('.') + '. Run it with a newer node (in a unit: its absolute path in ExecStart=, or Environment=PATH=).';
+  const journal = process.env.JOURNAL_STREAM;
+  import('node:fs')
+    .then(function (fs) {
+      const st = fs.fstatSync(2, { bigint: true });
+      return journal !== undefined && journal === String(st.dev) + ':' + String(st.ino);
+    })
+    .catch(function () {
+      return false;
+    })
+    .then(function (toJournal) {
+      process.stderr.write((toJournal ? '<3>' : '') + line + '\n', function () {
+        process.exit(1);
+      });
+    });
+}
+
+if (nodeTooOld(process.versions.node)) {
+  refuseOldNode();
+} else {
+  // Node's compile cache makes repeated starts cheaper; enabled before the rest is loaded.
+  process.getBuiltinModule('node:module').enableCompileCache();
+  import('./main.ts').then(function (m) {
+    return m.main(process.argv.slice(2));
+  });
+}

@@ -8,7 +8,7 @@
  *   ...
  *   closeProxy(proxy);
  */
-export { parseAddress, formatAddress, type Address } from './address.ts';
+export { parseAddress, parseListenAddress, formatAddress, type Address } from './address.ts';
 export { takeListenFds, type ListenFd } from './activation.ts';
 export { parseArgv, helpText, type Options, type Parsed } from './args.ts';
 export { ProxyError, type ProxyErrorCode } from './errors.ts';

@@ -8,10 +8,10 @@ import { lstatSync, unlinkSync } from 'node:fs';
 import { connect } from 'node:net';
 import { basename } from 'node:path';
 import { takeListenFds, MSG_NO_SOCKETS } from './activation.ts';
-import { parseAddress, type Address } from './address.ts';
+import { parseAddress, parseListenAddress, type Address } from './address.ts';
 import { helpText, parseArgv, type Options } from './args.ts';
 import { EINVAL, ProxyError } from './errors.ts';
-import { createLogger, LOG_ERR, type Logger } from './log.ts';
+import { createLogger, LOG_DEBUG, LOG_ERR, type Logger } from './log.ts';
 import { armIdleTimer, closeProxy, createProxy, listenOnAddress, listenOnFd, type Proxy } from './proxy.ts';
 
 type NotifyModule = typeof import('./notify.ts');
@@ -111,12 +111,28 @@ async function removeStaleSocket(path: string): Promise<void> {
   if (!live) unlinkSync(path);
 }
 
+/**
+ * SIGUSR1. Node's default action for it is to start the inspector on 127.0.0.1:9229,
+ * which lets any local user who can reach that port run code as the proxy's user
+ * (often root under systemd). Having a listener of our own is what stops that.
+ * For now it only says that it was received (at debug level).
+ */
+function onUsr1(): void {
+  if (mainLogger !== null && mainLogger.maxLevel >= LOG_DEBUG) mainLogger.log(LOG_DEBUG, 'Received SIGUSR1.');
+}
+
+/** The logger main() made, for the signal handlers. */
+let mainLogger: Logger | null = null;
+
 export async function main(argv: string[]): Promise<void> {
-  // Handlers first: a stop request during start-up is a clean stop too.
+  // Handlers first: a stop request during start-up is a clean stop too, and SIGUSR1
+  // must never reach Node's default (the inspector), not even during start-up.
+  process.on('SIGUSR1', onUsr1);
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
   const env = process.env;
   const logger = createLogger(env);
+  mainLogger = logger;
   await loadNotifier(logger);
 
   let options: Options;
@@ -134,7 +150,7 @@ export async function main(argv: string[]): Promise<void> {
     }
     options = parsed.options;
     target = parseAddress(options.target);
-    listen = options.listen.map((text) => parseAddress(text, true));
+    listen = options.listen.map(parseListenAddress);
   } catch (err) {
     fail(logger, err);
   }

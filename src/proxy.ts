@@ -10,7 +10,9 @@
  * versions we test on.
  */
 import { lookup, type LookupAddress } from 'node:dns';
+import { statSync } from 'node:fs';
 import { Server } from 'node:net';
+import { dirname } from 'node:path';
 import { getSystemErrorName } from 'node:util';
 import { formatAddress, type Address } from './address.ts';
 import { MSG_NOT_STREAM } from './activation.ts';
@@ -116,10 +118,30 @@ export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096):
   const start =
     address.kind === 'unix'
       ? () => server.listen({ path: address.path, backlog })
-      : () => server.listen({ host: address.host, port: address.port, backlog, ipv6Only: false });
+      : address.kind === 'ip' && address.anyAddress === true
+        ? // No host: Node binds [::] dual-stack, or 0.0.0.0 where IPv6 is unavailable (as systemd).
+          () => server.listen({ port: address.port, backlog, ipv6Only: false })
+        : () => server.listen({ host: address.host, port: address.port, backlog, ipv6Only: false });
   return startServer(proxy, server, start, (err) => {
-    return new ProxyError('ERR_LISTEN', `Failed to listen on ${formatAddress(address)}: ${strerror(err)}`, errnoOf(err) ?? EINVAL);
+    const cause = address.kind === 'unix' ? realBindError(err, address.path) : err;
+    return new ProxyError('ERR_LISTEN', `Failed to listen on ${formatAddress(address)}: ${strerror(cause)}`, errnoOf(cause) ?? EINVAL);
   });
+}
+
+/**
+ * libuv's uv_pipe_bind() reports ENOENT as EACCES (for Windows' sake), so a missing
+ * directory would read "Permission denied". When the directory the socket goes in is
+ * missing (or not a directory), that is the real cause; a real EACCES stays EACCES.
+ */
+function realBindError(err: Error, path: string): unknown {
+  if ((err as NodeJS.ErrnoException).code !== 'EACCES' || path.startsWith('\0')) return err;
+  try {
+    statSync(dirname(path));
+  } catch (probe) {
+    const code = (probe as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return probe;
+  }
+  return err;
 }
 
 function errnoOf(err: unknown): number | undefined {

@@ -88,14 +88,52 @@ function member<T>(binding: Binding, name: string, kind: 'function' | 'number' |
   return value as T;
 }
 
+type EmitWarning = (this: NodeJS.Process, warning: string | Error, ...rest: unknown[]) => void;
+
+/** What a process.binding() call warned about, held back by bindingsQuietly(). */
+let heldWarnings: Array<[string | Error, unknown[]]> = [];
+
+function holdWarning(warning: string | Error, ...rest: unknown[]): void {
+  heldWarnings.push([warning, rest]);
+}
+
+/**
+ * Call process.binding() with its deprecation warning (DEP0111, emitted only under
+ * --pending-deprecation) held back. Node would emit it on the next tick, and with
+ * --throw-deprecation throw it there: an uncaught exception and a stack trace out of
+ * reach of any try/catch. Instead: under --throw-deprecation that is one clear error
+ * (reported at start-up like every other); otherwise the warning is emitted as Node
+ * would have.
+ */
+function bindingsQuietly(binding: (name: string) => Binding, names: readonly string[]): Binding[] {
+  const emitWarning = process.emitWarning as EmitWarning;
+  heldWarnings = [];
+  let got: Binding[];
+  process.emitWarning = holdWarning as typeof process.emitWarning;
+  try {
+    got = names.map(binding);
+  } finally {
+    process.emitWarning = emitWarning as typeof process.emitWarning;
+  }
+  const held = heldWarnings;
+  heldWarnings = [];
+  if (held.length > 0 && process.throwDeprecation === true) {
+    throw new ProxyError(
+      'ERR_NODE_INTERNALS',
+      'process.binding() is deprecated under --pending-deprecation (DEP0111) and --throw-deprecation makes that fatal, but socket-proxyd needs it: run it without --throw-deprecation.',
+      EINVAL,
+    );
+  }
+  for (const [warning, rest] of held) emitWarning.call(process, warning, ...rest);
+  return got;
+}
+
 function loadBindings(): Bindings {
   const binding = (process as unknown as { binding?: (name: string) => Binding }).binding;
   if (typeof binding !== 'function') {
     throw new ProxyError('ERR_NODE_INTERNALS', `This Node.js (${process.version}) lacks process.binding, which socket-proxyd needs.`, EINVAL);
   }
-  const tcp = binding('tcp_wrap');
-  const pipe = binding('pipe_wrap');
-  const stream = binding('stream_wrap');
+  const [tcp, pipe, stream] = bindingsQuietly(binding, ['tcp_wrap', 'pipe_wrap', 'stream_wrap']) as [Binding, Binding, Binding];
   const tcpConstants = member<Binding>(tcp, 'constants', 'object');
   const pipeConstants = member<Binding>(pipe, 'constants', 'object');
   const TCP = member<Bindings['TCP']>(tcp, 'TCP', 'function');

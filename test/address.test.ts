@@ -1,7 +1,7 @@
 /** Unit tests of the pure parts: target addresses and the activation environment. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseAddress, formatAddress } from '../src/address.ts';
+import { parseAddress, parseListenAddress, formatAddress } from '../src/address.ts';
 import { takeListenFds } from '../src/activation.ts';
 import { ProxyError } from '../src/errors.ts';
 
@@ -52,4 +52,17 @@ test('activation: LISTEN_* consumed; pid mismatch means none; malformed means er
   assert.throws(() => takeListenFds({ LISTEN_PID: 'abc', LISTEN_FDS: '1' }, 7), /Failed to receive sockets from parent\./);
   // fd 3.. in this test process are not sockets we were given: a closed or non-socket fd is an error.
   assert.throws(() => takeListenFds({ LISTEN_PID: '7', LISTEN_FDS: '1000' }, 7), ProxyError);
+});
+
+test('--listen=PORT is every address ([::]:PORT, dual-stack, as ListenStream=PORT); TARGET PORT stays host PORT, port 80', () => {
+  const listen = parseListenAddress('7303');
+  assert.deepEqual(listen, { kind: 'ip', host: '::', port: 7303, family: 6, text: '7303', anyAddress: true });
+  assert.equal(formatAddress(listen), '[::]:7303');
+  assert.equal((parseListenAddress('0') as { port: number }).port, 0);
+  // The reference's reading of a TARGET without a colon is unchanged.
+  assert.deepEqual(parseAddress('7303'), { kind: 'name', host: '7303', port: 80, text: '7303' });
+  // Every other --listen= form parses as before (port 0 allowed).
+  assert.deepEqual(parseListenAddress('127.0.0.1:0'), parseAddress('127.0.0.1:0', true));
+  assert.deepEqual(parseListenAddress('/run/x.sock'), parseAddress('/run/x.sock'));
+  assert.throws(() => parseListenAddress('70000'), { code: 'ERR_TARGET', message: "Invalid address '70000': port 70000 is out of range (1-65535)." });
 });
