@@ -1,35 +1,69 @@
 #!/bin/sh
 # Build native/sd_notify.c into a stripped N-API addon, offline.
 #
-#   native/build.sh [OUTPUT]      default: prebuilds/<platform>-<arch>/sd_notify.node
+#   native/build.sh [--arch=ARCH] [OUTPUT]
+#       ARCH     the target: this machine's (default) or arm64 (cross-compiled)
+#       OUTPUT   default: prebuilds/linux-<ARCH>/sd_notify.node
 #
-# Needs only a C compiler ($CC, default gcc) and Node's N-API headers, which are
+# The committed prebuilds are made on Debian 12 with
+#   native/build.sh                 (gcc, linux-x64)
+#   native/build.sh --arch=arm64    (aarch64-linux-gnu-gcc from gcc-aarch64-linux-gnu)
+# and are reproducible: the same compiler gives the same bytes, whatever the
+# checkout's path (test/notify*.test.ts compare them with fresh builds).
+#
+# Needs only a C compiler ($CC; default gcc, or aarch64-linux-gnu-gcc when
+# cross-compiling for arm64 from another machine) and Node's N-API headers, which are
 # looked for on this machine -- never downloaded:
 #   $NODE_API_INCLUDE (a dir holding node_api.h), the `node` npm package in
 #   node_modules, <dir of node>/../include/node, npm's configured nodedir,
 #   /usr/include/node, /usr/local/include/node, node-gyp's cache.
-# The headers' Node version does not matter: the source pins NAPI_VERSION 8, so
-# the result loads on any Node >= 18 with the same platform/arch/libc.
+# The headers' Node version and architecture do not matter: the source pins
+# NAPI_VERSION 8 and N-API's headers are the same for every arch, so the x64
+# `node` package's headers serve an arm64 build too, and the result loads on any
+# Node >= 18 with the same platform/arch/libc.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 src="$here/sd_notify.c"
-cc=${CC:-gcc}
 
 case "$(uname -s)" in
   Linux) platform=linux ;;
   *) echo "build.sh: only Linux is supported (sd_notify is a systemd protocol)" >&2; exit 1 ;;
 esac
+# Node's process.arch names, which is what src/notify.ts looks for in prebuilds/.
 case "$(uname -m)" in
-  x86_64) arch=x64 ;;
-  aarch64 | arm64) arch=arm64 ;;
-  armv7l) arch=arm ;;
-  ppc64le) arch=ppc64 ;;
-  s390x) arch=s390x ;;
-  riscv64) arch=riscv64 ;;
+  x86_64) host=x64 ;;
+  aarch64 | arm64) host=arm64 ;;
+  armv7l) host=arm ;;
+  ppc64le) host=ppc64 ;;
+  s390x) host=s390x ;;
+  riscv64) host=riscv64 ;;
   *) echo "build.sh: unknown machine $(uname -m)" >&2; exit 1 ;;
 esac
+arch=$host
+case "${1:-}" in
+  --arch=*) arch=${1#--arch=}; shift ;;
+esac
+if [ $# -gt 1 ]; then
+  echo "usage: native/build.sh [--arch=ARCH] [OUTPUT]" >&2; exit 1
+fi
+if [ "$arch" = "$host" ]; then
+  cc=${CC:-gcc}
+else
+  case "$arch" in
+    arm64) cc=${CC:-aarch64-linux-gnu-gcc} ;;
+    *) cc=${CC:-}
+       if [ -z "$cc" ]; then
+         echo "build.sh: cross-compiling for $arch needs CC set to a cross compiler" >&2; exit 1
+       fi ;;
+  esac
+fi
+if ! command -v "$cc" >/dev/null 2>&1; then
+  hint=""
+  [ "$arch" = arm64 ] && [ "$host" != arm64 ] && hint=" (Debian: apt-get install gcc-aarch64-linux-gnu)"
+  echo "build.sh: C compiler $cc not found$hint" >&2; exit 1
+fi
 out=${1:-"$root/prebuilds/$platform-$arch/sd_notify.node"}
 
 has_headers() { [ -n "$1" ] && [ -f "$1/node_api.h" ]; }
@@ -67,12 +101,16 @@ trap 'rm -f "$tmp"' EXIT
 # -shared without -z defs: the napi_* symbols are resolved against the node
 # executable at dlopen time. -s strips; --build-id=none and no debug info keep
 # the output a pure function of source + compiler, so a rebuild can be compared
-# byte for byte with the committed binary.
-"$cc" -std=c11 -D_GNU_SOURCE -O2 -fPIC -fvisibility=hidden \
+# byte for byte with the committed binary; -ffile-prefix-map keeps the checkout's
+# path out even if the source ever uses __FILE__ or assert(). arm64 keeps the
+# linker's default 64 KiB segment alignment (hence a 64 KiB file): kernels with
+# 64 KiB pages (RHEL on Graviton/Ampere) cannot map a 4 KiB-aligned object.
+LC_ALL=C "$cc" -std=c11 -D_GNU_SOURCE -O2 -fPIC -fvisibility=hidden \
   -Wall -Wextra \
+  -ffile-prefix-map="$root"=. \
   -I"$inc" -shared -s \
   -Wl,--build-id=none -Wl,-z,relro -Wl,-z,now -Wl,--as-needed \
   -o "$tmp" "$src"
 mv -f "$tmp" "$out"
 trap - EXIT
-echo "built $out (headers: $inc)" >&2
+echo "built $out for $platform-$arch with $cc (headers: $inc)" >&2

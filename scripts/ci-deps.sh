@@ -5,7 +5,8 @@
 #   metrics: promtool (prometheus)                HTTP/2: h2load (nghttp2-client)
 #   bench peers: socat, wrk, iperf3, nginx's stream module
 #   network namespaces and SYN drops: iproute2, nftables
-#   arm64 notify addon: qemu-user-static (runs the arm64 node), gcc-aarch64-linux-gnu
+#   arm64 notify addon: qemu-user-static (runs the arm64 node), gcc-aarch64-linux-gnu,
+#     libc6-arm64-cross, libstdc++6-arm64-cross
 set -eu
 
 need=""
@@ -30,6 +31,9 @@ want nft nftables
 want ss iproute2
 want qemu-aarch64-static qemu-user-static
 want aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+# the arm64 Node's loader and C++ runtime under qemu (the Node itself: scripts/fetch-node-arm64.sh)
+want /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 libc6-arm64-cross
+want /usr/aarch64-linux-gnu/lib/libstdc++.so.6 libstdc++6-arm64-cross
 
 [ -n "$need" ] || exit 0
 if [ "$(id -u)" != 0 ]; then

