@@ -23,6 +23,7 @@ import { spawnSync } from 'node:child_process';
 import { chmodSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { helpText } from '../src/args.ts';
+import { parseSec } from '../src/timespan.ts';
 import { OURS, ROOT, echo, roundTrip, startBackend, startProxy, tempDir } from './helpers.ts';
 
 const EXAMPLES = join(ROOT, 'examples');
@@ -78,7 +79,8 @@ test('examples/: the man page\'s two examples plus the idle-exit one, all Type=n
       assert.ok(service.includes(want), `${dir}: ${want}`);
     }
     assert.equal(execStart(join(EXAMPLES, dir, 'proxy-to-nginx.service'))[0], INSTALLED, `${dir}: ExecStart= runs ${INSTALLED}`);
-    assert.deepEqual(directives(join(EXAMPLES, dir, 'proxy-to-nginx.socket')), ['[Socket]', 'ListenStream=80', '[Install]', 'WantedBy=sockets.target']);
+    const triggerLimits = dir === 'idle-exit' ? ['TriggerLimitIntervalSec=2s', 'TriggerLimitBurst=20'] : [];
+    assert.deepEqual(directives(join(EXAMPLES, dir, 'proxy-to-nginx.socket')), ['[Socket]', 'ListenStream=80', ...triggerLimits, '[Install]', 'WantedBy=sockets.target']);
   }
   assert.deepEqual(execStart(join(EXAMPLES, 'nginx-unix', 'proxy-to-nginx.service')).slice(1), ['/run/nginx/socket']);
   const ns = directives(join(EXAMPLES, 'nginx-namespace', 'proxy-to-nginx.service'));
@@ -87,7 +89,102 @@ test('examples/: the man page\'s two examples plus the idle-exit one, all Type=n
   assert.ok(directives(join(EXAMPLES, 'nginx-namespace', 'nginx.service.d', 'private-network.conf')).includes('PrivateNetwork=yes'));
   const idleArgs = execStart(join(EXAMPLES, 'idle-exit', 'proxy-to-nginx.service')).slice(1);
   assert.ok(idleArgs.some((a) => a.startsWith('--exit-idle-time=')), 'idle-exit passes --exit-idle-time=');
-  assert.deepEqual(directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf')), ['[Unit]', 'StopWhenUnneeded=yes']);
+  assert.deepEqual(directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf')), [
+    '[Unit]',
+    'StopWhenUnneeded=yes',
+    'StartLimitIntervalSec=60s',
+    'StartLimitBurst=30',
+  ]);
+});
+
+/** The directives of one [Section] of a unit file. */
+function sectionOf(path: string, name: string): string[] {
+  const lines = directives(path);
+  const start = lines.indexOf(`[${name}]`);
+  if (start < 0) return [];
+  const end = lines.findIndex((l, i) => i > start && l.startsWith('['));
+  return lines.slice(start + 1, end < 0 ? undefined : end);
+}
+
+function value(lines: string[], key: string): string | undefined {
+  return lines.find((l) => l.startsWith(`${key}=`))?.slice(key.length + 1);
+}
+
+test('examples/: the proxy runs unprivileged (DynamicUser=yes), never as root; no NoDelay=yes (the proxy sets it)', () => {
+  for (const dir of Object.keys(EXPECTED_FILES)) {
+    const service = join(EXAMPLES, dir, 'proxy-to-nginx.service');
+    const svc = sectionOf(service, 'Service');
+    assert.equal(value(svc, 'DynamicUser'), 'yes', `${dir}: DynamicUser=yes`);
+    assert.ok(!svc.some((l) => /^User=(root|0)$/.test(l)), `${dir}: not User=root`);
+    // The comment says what the backend's socket must allow and points to SECURITY.
+    const text = readFileSync(service, 'utf8');
+    assert.match(text, /SO_PEERCRED/);
+    assert.match(text, /SECURITY in socket-proxyd\(8\)/);
+    assert.ok(!readFileSync(join(EXAMPLES, dir, 'proxy-to-nginx.socket'), 'utf8').includes('NoDelay='), `${dir}: no NoDelay=`);
+  }
+  assert.match(readFileSync(join(EXAMPLES, 'nginx-unix', 'proxy-to-nginx.service'), 'utf8'), /mode 0666[\s\S]*SupplementaryGroups=/);
+});
+
+test('examples/: idle exit sets start limits that its --exit-idle-time cannot trip, in both units, and the socket\'s trigger limit', () => {
+  const dir = join(EXAMPLES, 'idle-exit');
+  const idleArg = execStart(join(dir, 'proxy-to-nginx.service')).find((a) => a.startsWith('--exit-idle-time='));
+  assert.ok(idleArg !== undefined);
+  const idleUsec = parseSec(idleArg.slice('--exit-idle-time='.length));
+  for (const file of ['proxy-to-nginx.service', join('nginx.service.d', 'stop-when-unneeded.conf')]) {
+    // StartLimit*= belong in [Unit] (in [Service] systemd only accepts the old names, with a warning).
+    const unit = sectionOf(join(dir, file), 'Unit');
+    const interval = value(unit, 'StartLimitIntervalSec');
+    const burst = value(unit, 'StartLimitBurst');
+    assert.ok(interval !== undefined && burst !== undefined, `${file}: StartLimitIntervalSec= and StartLimitBurst= in [Unit]`);
+    // At most one start per idle period: the burst must exceed interval / idle time (the comment's rule),
+    // and the example's values must allow the short idle time the comment promises (3 s).
+    const intervalUsec = parseSec(interval);
+    assert.ok(BigInt(burst) * idleUsec > intervalUsec, `${file}: ${burst} starts per ${interval} allow ${idleArg}`);
+    assert.ok(BigInt(burst) * 3_000_000n > intervalUsec, `${file}: allows an idle time of 3 s`);
+  }
+  const socket = sectionOf(join(dir, 'proxy-to-nginx.socket'), 'Socket');
+  assert.equal(value(socket, 'TriggerLimitIntervalSec'), '2s');
+  assert.equal(value(socket, 'TriggerLimitBurst'), '20');
+  assert.match(readFileSync(join(dir, 'proxy-to-nginx.service'), 'utf8'), /trigger-limit-hit/);
+});
+
+/** The commented-out alternatives each example service shows for naming a suitable node. */
+function nodeAlternatives(service: string): { path: string; execStart: string } {
+  const text = readFileSync(service, 'utf8');
+  const path = /^#\s+(Environment=PATH=\S+)$/m.exec(text)?.[1];
+  const exec = /^#\s+(ExecStart=\/\S+\/node \S+\/dist\/cli\.js .*)$/m.exec(text)?.[1];
+  assert.ok(path !== undefined && exec !== undefined, `${service}: shows Environment=PATH= and ExecStart=/.../node .../dist/cli.js`);
+  return { path, execStart: exec };
+}
+
+test('examples/: each service shows how to run the right Node (Environment=PATH= or node\'s absolute path), and both verify', () => {
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { engines: { node: string } };
+  for (const dir of Object.keys(EXPECTED_FILES)) {
+    const service = join(EXAMPLES, dir, 'proxy-to-nginx.service');
+    const alt = nodeAlternatives(service);
+    assert.ok(readFileSync(service, 'utf8').includes(`Node.js ${pkg.engines.node.replace('>=', '>= ')}`), `${dir}: names the Node.js needed`);
+    // The same arguments as the real ExecStart=, and a PATH that keeps systemd's directories.
+    assert.deepEqual(alt.execStart.split(/\s+/).slice(2), execStart(service).slice(1));
+    for (const d of ['/usr/local/bin', '/usr/bin', '/bin']) assert.ok(alt.path.split(/[=:]/).includes(d), `${dir}: PATH keeps ${d}`);
+    // Uncommented, with the paths made real here, systemd-analyze verify accepts each variant.
+    const nodeDir = join(tmp.dir, `node-${dir}`, 'bin');
+    mkdirSync(nodeDir, { recursive: true });
+    const node = join(nodeDir, 'node');
+    writeFileSync(node, `#!/bin/sh\nexec '${process.execPath}' "$@"\n`);
+    chmodSync(node, 0o755);
+    const asPath = stage(dir, `node-path-${dir}`);
+    const file = asPath.units[1] as string;
+    writeFileSync(file, readFileSync(file, 'utf8').replace('[Service]\n', `[Service]\n${alt.path.replace(/=\/opt\/node-v22\/bin:/, `=${nodeDir}:`)}\n`));
+    assert.match(readFileSync(file, 'utf8'), new RegExp(`^Environment=PATH=${nodeDir}:`, 'm'));
+    let r = verify(asPath.units);
+    assert.equal(r.stderr, '', `${dir} with Environment=PATH=`);
+    const direct = stage(dir, `node-direct-${dir}`, false);
+    const file2 = direct.units[1] as string;
+    const line = alt.execStart.replace(/^ExecStart=\S+ \S+/, `ExecStart=${node} ${OURS}`);
+    writeFileSync(file2, readFileSync(file2, 'utf8').replace(/^ExecStart=.*$/m, line));
+    r = verify(direct.units);
+    assert.equal(r.stderr, '', `${dir} with ${line}`);
+  }
 });
 
 /**
@@ -235,7 +332,7 @@ test('man page: documents exactly the options of --help, with the same synopsis 
 
 test('man page: sections, environment, exit status, examples and differences from v252', () => {
   const text = renderMan();
-  for (const title of ['NAME', 'SYNOPSIS', 'DESCRIPTION', 'OPTIONS', 'EXIT STATUS', 'ENVIRONMENT', 'EXAMPLES', 'DIFFERENCES FROM SYSTEMD-SOCKET-PROXYD 252', 'SEE ALSO']) {
+  for (const title of ['NAME', 'SYNOPSIS', 'DESCRIPTION', 'OPTIONS', 'EXIT STATUS', 'ENVIRONMENT', 'EXAMPLES', 'SECURITY', 'DIFFERENCES FROM SYSTEMD-SOCKET-PROXYD 252', 'SEE ALSO']) {
     section(text, title);
   }
   const env = section(text, 'ENVIRONMENT');
@@ -260,6 +357,22 @@ test('man page: sections, environment, exit status, examples and differences fro
   for (const line of directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf'))) assert.ok(shown.has(line), line);
   assert.ok(shown.has('JoinsNamespaceOf=nginx.service'));
 
+  // The right Node.js: both ways, shown in EXAMPLES.
+  assert.match(examples, /^ +Environment=PATH=\/opt\/node-v22\/bin:/m);
+  assert.match(examples, /^ +ExecStart=\/opt\/node-v22\/bin\/node \S+\/dist\/cli\.js /m);
+  for (const dir of Object.keys(EXPECTED_FILES)) assert.ok(shown.has(nodeAlternatives(join(EXAMPLES, dir, 'proxy-to-nginx.service')).path));
+  // Start limits with idle exit: explained, and the trigger limit's state named.
+  assert.ok(squash(examples).includes('trigger-limit-hit'));
+  for (const line of directives(join(EXAMPLES, 'idle-exit', 'proxy-to-nginx.socket'))) assert.ok(shown.has(line), line);
+  // --listen= serves its sockets in addition to passed ones.
+  const listen = squash(section(text, 'OPTIONS'));
+  assert.match(listen, /--listen=ADDRESS Listen on ADDRESS too\b.*Sockets passed in by systemd are served as well/);
+  assert.ok(!/instead of on sockets/.test(listen));
+  // SECURITY
+  const security = squash(section(text, 'SECURITY'));
+  for (const word of ['SO_PEERCRED', 'peer authentication', 'DynamicUser=yes', 'User=', 'SupplementaryGroups=', 'never as root', 'SIGUSR1']) {
+    assert.ok(security.includes(word), `SECURITY mentions ${word}`);
+  }
   const diff = squash(section(text, 'DIFFERENCES FROM SYSTEMD-SOCKET-PROXYD 252'));
   for (const point of [
     'hard cap',
@@ -286,7 +399,39 @@ test('README agrees: the options of --help, and it points to the man page and ex
   assert.ok(readme.includes('man/socket-proxyd.8') && existsSync(MAN_PAGE));
   assert.ok(readme.includes('examples/') && existsSync(EXAMPLES));
   // The example in the README is one of ours, verbatim.
-  const shown = readme.match(/^ExecStart=.*$/gm) ?? [];
-  const ours = Object.keys(EXPECTED_FILES).map((dir) => `ExecStart=${execStart(join(EXAMPLES, dir, 'proxy-to-nginx.service')).join(' ')}`);
+  const shown = readme.match(/^(ExecStart|Environment)=.*$/gm) ?? [];
+  const ours = Object.keys(EXPECTED_FILES).flatMap((dir) => {
+    const service = join(EXAMPLES, dir, 'proxy-to-nginx.service');
+    const alt = nodeAlternatives(service);
+    return [`ExecStart=${execStart(service).join(' ')}`, alt.path, alt.execStart];
+  });
   for (const line of shown) assert.ok(ours.includes(line), `README's ${line} is one of examples/`);
+  // The right Node under systemd: both ways are shown, in the systemd section.
+  const systemd = readme.slice(readme.indexOf('## With systemd'), readme.indexOf('\n## ', readme.indexOf('## With systemd') + 1));
+  assert.match(systemd, /^Environment=PATH=\/.*$/m);
+  assert.match(systemd, /^ExecStart=\/\S+\/node \S+\/dist\/cli\.js /m);
+  assert.match(systemd, /is too old: socket-proxyd needs Node\.js >=/);
+  // --listen= adds sockets; it does not replace the passed ones.
+  const listenRow = readme.split('\n').find((l) => l.startsWith('| `--listen='));
+  assert.ok(listenRow !== undefined && /in addition to/.test(listenRow) && !/instead of/.test(listenRow), listenRow);
+  // Security: the peer-credentials consequence and what to do about it.
+  const security = readme.slice(readme.indexOf('## Security'), readme.indexOf('\n## ', readme.indexOf('## Security') + 1));
+  for (const word of ['SO_PEERCRED', 'peer', 'DynamicUser=yes', 'User=', 'SupplementaryGroups=', 'root']) assert.ok(security.includes(word), `README Security: ${word}`);
+});
+
+// ---------------------------------------------------------------------------------------------
+// LICENSE
+
+test('LICENSE: the MIT licence package.json names, in the repository and in the package npm packs', () => {
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { license: string };
+  assert.equal(pkg.license, 'MIT');
+  const text = readFileSync(join(ROOT, 'LICENSE'), 'utf8');
+  assert.match(text, /^MIT License\n\nCopyright \(c\) \d{4} /);
+  assert.match(text, /Permission is hereby granted, free of charge/);
+  assert.match(text, /THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND/);
+  const r = run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], 'npm is needed');
+  assert.equal(r.status, 0, r.stderr);
+  const files = (JSON.parse(r.stdout) as Array<{ files: Array<{ path: string }> }>)[0]!.files.map((f) => f.path);
+  assert.ok(files.includes('LICENSE'), files.join(' '));
+  assert.ok(files.includes('man/socket-proxyd.8') && files.includes('dist/cli.js'));
 });
