@@ -19,6 +19,8 @@ export interface Options {
   exitIdleTimeUsec: bigint | null; // null = infinity (the default)
   listen: string[]; // --listen=ADDR values in order (our extension), default []
   proxyProtocol: 'v1' | 'v2' | null; // --proxy-protocol= (v1 as systemd v261, v2 ours), default null: no header
+  drainTimeoutUsec: bigint | null; // --drain-timeout=: 0n = no drain (the default), null = wait without limit
+  metrics: string | null; // --metrics=ADDRESS (raw; parsed by the caller), default null
   target: string; // the one positional argument
 }
 
@@ -27,7 +29,7 @@ export type Parsed =
   | { action: 'version' }
   | { action: 'run'; options: Options };
 
-type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol';
+type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol' | 'drain-timeout' | 'metrics';
 type OptionId = ValueOptionId | 'help' | 'version';
 
 interface LongOption {
@@ -48,6 +50,8 @@ const LONG_OPTIONS: readonly LongOption[] = [
   { name: 'version', hasArg: false, id: 'version' },
   { name: 'listen', hasArg: true, id: 'listen' },
   { name: 'proxy-protocol', hasArg: true, id: 'proxy-protocol' },
+  { name: 'drain-timeout', hasArg: true, id: 'drain-timeout' },
+  { name: 'metrics', hasArg: true, id: 'metrics' },
 ];
 
 function usage(message: string, errno: number = EINVAL): ProxyError {
@@ -150,6 +154,16 @@ function timespanErrno(err: unknown): number | undefined {
   return undefined;
 }
 
+function parseSpan(id: ValueOptionId, arg: string): bigint {
+  try {
+    return parseSec(arg);
+  } catch (err) {
+    const errno = timespanErrno(err);
+    if (errno === undefined) throw err; // not a parse failure but a bug: don't mask it
+    throw usage(`Failed to parse --${id}= argument: ${arg}`, errno);
+  }
+}
+
 /** Acts on one option with a value, the way parse_argv's switch does. */
 function apply(id: ValueOptionId, arg: string, options: Options): void {
   switch (id) {
@@ -162,17 +176,19 @@ function apply(id: ValueOptionId, arg: string, options: Options): void {
       return;
     }
     case 'exit-idle-time': {
-      let usec: bigint;
-      try {
-        usec = parseSec(arg);
-      } catch (err) {
-        const errno = timespanErrno(err);
-        if (errno === undefined) throw err; // not a parse failure but a bug: don't mask it
-        throw usage(`Failed to parse --exit-idle-time= argument: ${arg}`, errno);
-      }
+      const usec = parseSpan(id, arg);
       options.exitIdleTimeUsec = usec === USEC_INFINITY ? null : usec;
       return;
     }
+    case 'drain-timeout': {
+      const usec = parseSpan(id, arg);
+      options.drainTimeoutUsec = usec === USEC_INFINITY ? null : usec;
+      return;
+    }
+    case 'metrics':
+      // Stored raw, like --listen=: the caller parses it with parseAddress().
+      options.metrics = arg;
+      return;
     case 'listen':
       // Stored raw: the listener module validates addresses and reports its own errors.
       options.listen.push(arg);
@@ -197,7 +213,15 @@ export function parseArgv(
   env: { POSIXLY_CORRECT?: string | undefined } = {},
 ): Parsed {
   const requireOrder = env.POSIXLY_CORRECT !== undefined;
-  const options: Options = { connectionsMax: 256, exitIdleTimeUsec: null, listen: [], proxyProtocol: null, target: '' };
+  const options: Options = {
+    connectionsMax: 256,
+    exitIdleTimeUsec: null,
+    listen: [],
+    proxyProtocol: null,
+    drainTimeoutUsec: 0n,
+    metrics: null,
+    target: '',
+  };
   const positional: string[] = [];
 
   let i = 0;
@@ -279,6 +303,12 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
                           Send the backend a PROXY protocol header (v1: text, as
                           haproxy's send-proxy; v2: binary) with the client's
                           address, before any of the client's bytes
+     --drain-timeout=SPAN On SIGTERM/SIGINT stop accepting but keep forwarding
+                          open connections for up to SPAN ("infinity": no
+                          limit) before exiting (default: 0, close at once)
+     --metrics=ADDRESS    Serve Prometheus metrics at GET /metrics on ADDRESS
+                          (HOST:PORT, [IPv6]:PORT, /path or @abstract); keep
+                          it on loopback or a UNIX socket
   -h --help               Show this help
      --version            Show package version
 

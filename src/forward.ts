@@ -48,6 +48,7 @@ import { headerFor, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion 
 import { uv, UV_EOF, type ConnectReq, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
 import type { Address } from './address.ts';
+import type { Stats } from './stats.ts';
 
 export type { StreamHandle } from './uv.ts';
 
@@ -98,6 +99,8 @@ export interface ConnectionOwner {
   readonly resolve: (conn: Connection) => void;
   /** PROXY protocol header to send each backend first: 0 none, 1 v1, 2 v2. */
   readonly proxyProtocol: ProxyProtocolVersion;
+  /** Counters: bytes each way and backend failures are counted here (stats.ts). */
+  readonly stats: Stats;
 }
 
 /**
@@ -206,6 +209,7 @@ export function resolved(conn: Connection, err: unknown, addresses: string[]): v
   if (conn.closing) return;
   if (err !== null || addresses.length === 0) {
     conn.owner.log(LOG_ERR, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
+    conn.owner.stats.backendFailures++;
     teardown(conn);
     return;
   }
@@ -235,6 +239,7 @@ function onConnectComplete(status: number, handle: StreamHandle): void {
       return;
     }
     conn.owner.log(LOG_ERR, `Failed to connect to remote host: ${strerror(errnoCode(status))}`);
+    conn.owner.stats.backendFailures++;
     teardown(conn);
     return;
   }
@@ -354,6 +359,9 @@ function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: n
     fail(conn, dest, err);
     return SHARED;
   }
+  // The only per-read cost of the statistics: one add.
+  if (fromClient) conn.owner.stats.bytesToBackend += n;
+  else conn.owner.stats.bytesToClient += n;
   if (state[kLastWriteWasAsync] !== 0) {
     // The pending write holds `req` and `chunk` (and `own`, if any) until it
     // completes; until then this direction does not read. The next read, once

@@ -17,6 +17,7 @@ export {
   armIdleTimer,
   closeProxy,
   createProxy,
+  drainProxy,
   listenOnAddress,
   listenOnFd,
   type LookupFunction,
@@ -24,3 +25,4 @@ export {
   type ProxyOptions,
 } from './proxy.ts';
 export { parseSec, formatTimespan, USEC_INFINITY } from './timespan.ts';
+export { statisticsLine, statusSummary, type Stats } from './stats.ts';

@@ -8,13 +8,17 @@ import { lstatSync, unlinkSync } from 'node:fs';
 import { connect } from 'node:net';
 import { basename } from 'node:path';
 import { takeListenFds, MSG_NO_SOCKETS } from './activation.ts';
-import { parseAddress, parseListenAddress, type Address } from './address.ts';
+import { formatAddress, parseAddress, parseListenAddress, type Address } from './address.ts';
 import { helpText, parseArgv, type Options } from './args.ts';
 import { EINVAL, ProxyError } from './errors.ts';
-import { createLogger, LOG_DEBUG, LOG_ERR, type Logger } from './log.ts';
-import { armIdleTimer, closeProxy, createProxy, listenOnAddress, listenOnFd, type Proxy } from './proxy.ts';
+import { createLogger, LOG_DEBUG, LOG_ERR, LOG_INFO, LOG_WARNING, type Logger } from './log.ts';
+import { armIdleTimer, closeProxy, createProxy, drainProxy, listenOnAddress, listenOnFd, type Proxy } from './proxy.ts';
+import { statisticsLine, statusSummary } from './stats.ts';
+import { strerror } from './strerror.ts';
+import { formatTimespan } from './timespan.ts';
 
 type NotifyModule = typeof import('./notify.ts');
+type MetricsModule = typeof import('./metrics.ts');
 
 /** Loaded only when NOTIFY_SOCKET is set: nothing native or extra otherwise. */
 let notifier: NotifyModule | null = null;
@@ -72,22 +76,158 @@ async function loadNotifier(logger: Logger): Promise<void> {
 }
 
 let proxy: Proxy | null = null;
-/** UNIX socket paths we bound ourselves (--listen=/path): removed again on exit. */
+let logger: Logger | null = null;
+/** UNIX socket paths we bound ourselves (--listen=/path): removed when we stop accepting. */
 const boundPaths: string[] = [];
+/** The --metrics=/path socket: removed on exit (metrics are served until then, drain included). */
+let metricsPath: string | null = null;
 
-/** SIGTERM/SIGINT and idle expiry: stop accepting, close everything, exit 0. */
+/** --drain-timeout=: 0n no drain (the reference's behaviour), null no limit. */
+let drainTimeoutUsec: bigint | null = 0n;
+let draining = false;
+/** When the drain must end, in performance.now() ms (Infinity: no limit). */
+let drainDeadline = 0;
+
+/** setTimeout() cannot wait longer than this (2^31-1 ms, ~24.8 days). */
+const MAX_TIMER_MS = 0x7fffffff;
+
+/**
+ * SIGTERM/SIGINT and idle expiry. With --drain-timeout= and connections open, the
+ * first request starts a drain; otherwise, and on a second request during a drain,
+ * stop at once: close everything, exit 0.
+ */
 function stop(): void {
+  if (draining || proxy === null || drainTimeoutUsec === 0n || proxy.connections.size === 0) {
+    finish();
+    return;
+  }
+  startDrain(proxy);
+}
+
+function finish(): void {
   if (proxy !== null) closeProxy(proxy);
-  // libuv would unlink these when the servers finish closing, but we exit first.
-  for (const path of boundPaths) {
-    try {
-      unlinkSync(path);
-    } catch {
-      // already gone
+  removeBoundPaths();
+  if (metricsPath !== null) removePath(metricsPath);
+  // A drain has told the manager already (STOPPING=1 with its STATUS=).
+  if (!draining) notify('STOPPING=1\nSTATUS=Shutting down...');
+  process.exit(0);
+}
+
+function removePath(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // already gone
+  }
+}
+
+/** libuv unlinks a path socket when its server closes; we may exit first, so do it ourselves. */
+function removeBoundPaths(): void {
+  for (const path of boundPaths.splice(0)) removePath(path);
+}
+
+/**
+ * Graceful stop: close our listening sockets now (under socket activation only our
+ * copies: new clients queue in systemd's for the next start), keep forwarding what
+ * is open until it ends or the drain timeout passes, then exit 0.
+ */
+function startDrain(p: Proxy): void {
+  draining = true;
+  drainProxy(p, finish);
+  removeBoundPaths();
+  const open = p.connections.size;
+  const usec = drainTimeoutUsec;
+  logger?.log(LOG_INFO, `Draining ${open} connection${open === 1 ? '' : 's'}${usec === null ? '' : ` for up to ${formatTimespan(usec)}`}...`);
+  if (usec === null) {
+    drainDeadline = Infinity;
+  } else {
+    const ms = Number((usec + 999n) / 1000n);
+    drainDeadline = performance.now() + ms;
+    setTimeout(onDrainTimer, Math.min(ms, MAX_TIMER_MS));
+  }
+  if (notifier !== null) {
+    lastStatus = drainingStatus(open);
+    lastStatusAt = lastExtendAt = performance.now();
+    notify(`STOPPING=1\nSTATUS=${lastStatus}\n${extendTimeout()}`);
+  }
+}
+
+function onDrainTimer(): void {
+  const left = drainDeadline - performance.now();
+  if (left > 1) {
+    setTimeout(onDrainTimer, Math.min(Math.ceil(left), MAX_TIMER_MS));
+    return;
+  }
+  const open = proxy?.connections.size ?? 0;
+  logger?.log(LOG_WARNING, `Drain timeout reached, closing ${open} connection${open === 1 ? '' : 's'}.`);
+  finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live status for `systemctl status` (only with NOTIFY_SOCKET). A coarse tick compares the
+// text with what was sent last: no datagram while nothing changes, at most one a second.
+
+const STATUS_TICK_MS = 250;
+const STATUS_MIN_INTERVAL_MS = 1000;
+/** While draining, EXTEND_TIMEOUT_USEC= is repeated this often, each time granting EXTEND_GRANT_USEC more. */
+const EXTEND_EVERY_MS = 10_000;
+const EXTEND_GRANT_USEC = 30_000_000;
+/** Time to close what is left and exit after the drain timeout, granted on top of it. */
+const EXIT_SLACK_USEC = 5_000_000;
+let lastStatus = '';
+let lastStatusAt = 0;
+let lastExtendAt = 0;
+
+function runningStatus(p: Proxy): string {
+  return `Processing requests: ${statusSummary(p.stats, p.connections.size)}`;
+}
+
+function drainingStatus(open: number): string {
+  return `Draining ${open} connection${open === 1 ? '' : 's'}...`;
+}
+
+/**
+ * How long the manager must wait for our next message: until the drain deadline
+ * (plus time to exit), or, without a limit, until the next repetition (with room).
+ */
+function extendTimeout(): string {
+  const usec =
+    drainDeadline === Infinity
+      ? EXTEND_GRANT_USEC
+      : Math.max(0, Math.ceil((drainDeadline - performance.now()) * 1000)) + EXIT_SLACK_USEC;
+  return `EXTEND_TIMEOUT_USEC=${usec}`;
+}
+
+function statusTick(): void {
+  const p = proxy;
+  if (p === null) return;
+  const now = performance.now();
+  let message = '';
+  if (now - lastStatusAt >= STATUS_MIN_INTERVAL_MS) {
+    const text = draining ? drainingStatus(p.connections.size) : runningStatus(p);
+    if (text !== lastStatus) {
+      lastStatus = text;
+      lastStatusAt = now;
+      message = `STATUS=${text}`;
     }
   }
-  notify('STOPPING=1\nSTATUS=Shutting down...');
-  process.exit(0);
+  if (draining && now - lastExtendAt >= EXTEND_EVERY_MS) {
+    lastExtendAt = now;
+    message += `${message === '' ? '' : '\n'}${extendTimeout()}`;
+  }
+  if (message !== '') notify(message);
+}
+
+/**
+ * SIGUSR1: the counters and bytes each way, one line at info level (systemd's daemons
+ * use SIGUSR1 to dump state to the journal). Never stops the proxy. Having a listener
+ * of our own is also what keeps Node's default away: that starts the inspector on
+ * 127.0.0.1:9229, which lets any local user who can reach it run code as the proxy's
+ * user (often root under systemd).
+ */
+function logStatistics(): void {
+  if (proxy === null || logger === null) return;
+  logger.log(LOG_INFO, statisticsLine(proxy.stats, proxy.connections.size));
 }
 
 /**
@@ -112,32 +252,42 @@ async function removeStaleSocket(path: string): Promise<void> {
 }
 
 /**
- * SIGUSR1. Node's default action for it is to start the inspector on 127.0.0.1:9229,
- * which lets any local user who can reach that port run code as the proxy's user
- * (often root under systemd). Having a listener of our own is what stops that.
- * For now it only says that it was received (at debug level).
+ * --metrics=ADDRESS: metrics.ts (and node:http) are loaded only here, so without the
+ * option nothing of it costs start-up time or memory.
  */
-function onUsr1(): void {
-  if (mainLogger !== null && mainLogger.maxLevel >= LOG_DEBUG) mainLogger.log(LOG_DEBUG, 'Received SIGUSR1.');
+async function serveMetrics(p: Proxy, address: Address, log: Logger): Promise<void> {
+  const path = address.kind === 'unix' && !address.path.startsWith('\0') ? address.path : null;
+  if (path !== null) await removeStaleSocket(path);
+  const metrics: MetricsModule = await import('./metrics.ts');
+  let where: string;
+  try {
+    where = await metrics.startMetricsServer(address, { connectionsMax: p.options.connectionsMax, collect: () => [{ route: null, stats: p.stats, open: p.connections.size }] });
+  } catch (err) {
+    throw new ProxyError('ERR_LISTEN', `Failed to serve metrics on ${formatAddress(address)}: ${strerror(err)}`, errnoOf(err));
+  }
+  if (path !== null) metricsPath = path;
+  log.log(LOG_DEBUG, `Serving metrics on ${where}`);
 }
 
-/** The logger main() made, for the signal handlers. */
-let mainLogger: Logger | null = null;
+function errnoOf(err: unknown): number {
+  const errno = (err as { errno?: unknown }).errno;
+  return typeof errno === 'number' ? Math.abs(errno) : EINVAL;
+}
 
 export async function main(argv: string[]): Promise<void> {
   // Handlers first: a stop request during start-up is a clean stop too, and SIGUSR1
   // must never reach Node's default (the inspector), not even during start-up.
-  process.on('SIGUSR1', onUsr1);
+  process.on('SIGUSR1', logStatistics);
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
   const env = process.env;
-  const logger = createLogger(env);
-  mainLogger = logger;
-  await loadNotifier(logger);
+  const log = (logger = createLogger(env));
+  await loadNotifier(log);
 
   let options: Options;
   let target: Address;
   let listen: Address[];
+  let metricsAddress: Address | null;
   try {
     const parsed = parseArgv(argv, programName(), env);
     if (parsed.action === 'help') {
@@ -151,8 +301,10 @@ export async function main(argv: string[]): Promise<void> {
     options = parsed.options;
     target = parseAddress(options.target);
     listen = options.listen.map(parseListenAddress);
+    metricsAddress = options.metrics === null ? null : parseListenAddress(options.metrics);
+    drainTimeoutUsec = options.drainTimeoutUsec;
   } catch (err) {
-    fail(logger, err);
+    fail(log, err);
   }
 
   let started: Proxy;
@@ -164,7 +316,7 @@ export async function main(argv: string[]): Promise<void> {
       connectionsMax: options.connectionsMax,
       exitIdleTimeUsec: options.exitIdleTimeUsec,
       proxyProtocol: options.proxyProtocol,
-      logger,
+      logger: log,
       onIdle: stop,
     });
     for (const { fd } of fds) await listenOnFd(started, fd);
@@ -174,8 +326,9 @@ export async function main(argv: string[]): Promise<void> {
       await listenOnAddress(started, address);
       if (path !== null) boundPaths.push(path);
     }
+    if (metricsAddress !== null) await serveMetrics(started, metricsAddress, log);
   } catch (err) {
-    fail(logger, err);
+    fail(log, err);
   }
 
   // Connections already waiting in the backlog (the one that made systemd start us)
@@ -185,6 +338,10 @@ export async function main(argv: string[]): Promise<void> {
 
   if (notifier !== null) {
     notify('READY=1\nSTATUS=Processing requests...');
+    // What a change is measured against: the counters as they are now.
+    lastStatus = runningStatus(started);
+    lastStatusAt = performance.now();
+    setInterval(statusTick, STATUS_TICK_MS).unref();
     const period = notifier.watchdogPeriodMs(env, process.pid);
     if (period !== null) {
       notify('WATCHDOG=1');

@@ -26,6 +26,7 @@ import {
   type StreamHandle,
 } from './forward.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
+import { createStats } from './stats.ts';
 import { strerror } from './strerror.ts';
 import { checkBindings } from './uv.ts';
 
@@ -65,7 +66,10 @@ export interface Proxy extends ConnectionOwner {
   idleTimer: NodeJS.Timeout | null;
   /** When the idle period ends, in ms of performance.now(), for timers longer than setTimeout allows. */
   idleDeadline: number;
+  /** No longer accepting (stopped or draining). */
   closed: boolean;
+  /** While draining: called once, when the last connection has been released. */
+  onDrained: (() => void) | null;
 }
 
 const kProxy = Symbol('socket-proxyd.proxy');
@@ -92,11 +96,13 @@ export function createProxy(options: ProxyOptions): Proxy {
     release: releaseConnection,
     resolve: resolveTarget,
     proxyProtocol: options.proxyProtocol === 'v1' ? 1 : options.proxyProtocol === 'v2' ? 2 : 0,
+    stats: createStats(),
     servers: [],
     connections: new Set(),
     idleTimer: null,
     idleDeadline: 0,
     closed: false,
+    onDrained: null,
   };
   return proxy;
 }
@@ -199,9 +205,11 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
   if (proxy.connections.size >= proxy.options.connectionsMax) {
     // Accept-then-close, as the reference: the client sees EOF (or RST if it already sent data).
     handle.close();
+    proxy.stats.refused++;
     logger.log(LOG_WARNING, 'Hit connection limit, refusing connection.');
     return;
   }
+  proxy.stats.accepted++;
   if (proxy.idleTimer !== null) {
     clearTimeout(proxy.idleTimer);
     proxy.idleTimer = null;
@@ -238,7 +246,14 @@ function addressOf(a: LookupAddress): string {
 
 function releaseConnection(this: Proxy, conn: Connection): void {
   this.connections.delete(conn);
-  if (this.connections.size === 0) armIdleTimer(this);
+  if (this.connections.size !== 0) return;
+  const drained = this.onDrained;
+  if (drained === null) {
+    armIdleTimer(this);
+    return;
+  }
+  this.onDrained = null;
+  drained();
 }
 
 /**
@@ -266,12 +281,36 @@ function onIdleTimer(proxy: Proxy): void {
   proxy.options.onIdle?.();
 }
 
-/** Stop accepting and tear down every connection. */
-export function closeProxy(proxy: Proxy): void {
+/**
+ * Stop accepting: close our listening sockets. Under socket activation that closes
+ * only our copy; systemd keeps its own, so new clients wait in the kernel's backlog
+ * for the next start instead of being refused (sd_listen_fds(3): never shutdown()).
+ */
+function stopAccepting(proxy: Proxy): void {
   if (proxy.closed) return;
   proxy.closed = true;
   if (proxy.idleTimer !== null) clearTimeout(proxy.idleTimer);
   proxy.idleTimer = null;
   for (const server of proxy.servers) server.close();
+}
+
+/**
+ * Graceful stop: stop accepting, let the open connections run to their end, and
+ * call `onDrained` once the last one is released (on the next turn if none is open).
+ * The caller bounds the wait: closeProxy() ends whatever is left.
+ */
+export function drainProxy(proxy: Proxy, onDrained: () => void): void {
+  stopAccepting(proxy);
+  if (proxy.connections.size === 0) {
+    setImmediate(onDrained);
+    return;
+  }
+  proxy.onDrained = onDrained;
+}
+
+/** Stop accepting and tear down every connection (also ends a drain: its callback is dropped). */
+export function closeProxy(proxy: Proxy): void {
+  stopAccepting(proxy);
+  proxy.onDrained = null;
   for (const conn of proxy.connections) destroyConnection(conn);
 }

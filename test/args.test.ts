@@ -22,7 +22,16 @@ const REF = '/lib/systemd/systemd-socket-proxyd';
 type Want =
   | { kind: 'help' }
   | { kind: 'version' }
-  | { kind: 'run'; target: string; c: number; idle: bigint | null; listen: string[]; pp: 'v1' | 'v2' | null }
+  | {
+      kind: 'run';
+      target: string;
+      c: number;
+      idle: bigint | null;
+      listen: string[];
+      pp: 'v1' | 'v2' | null;
+      drain: bigint | null;
+      metrics: string | null;
+    }
   | { kind: 'error'; message: string; errno: number };
 
 interface Row {
@@ -38,8 +47,20 @@ interface Row {
 
 const HELP: Want = { kind: 'help' };
 const VERSION: Want = { kind: 'version' };
-function ok(target: string, v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2' } = {}): Want {
-  return { kind: 'run', target, c: v.c ?? 256, idle: v.idle === undefined ? null : v.idle, listen: v.listen ?? [], pp: v.pp ?? null };
+function ok(
+  target: string,
+  v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2'; drain?: bigint | null; metrics?: string } = {},
+): Want {
+  return {
+    kind: 'run',
+    target,
+    c: v.c ?? 256,
+    idle: v.idle === undefined ? null : v.idle,
+    listen: v.listen ?? [],
+    pp: v.pp ?? null,
+    drain: v.drain === undefined ? 0n : v.drain,
+    metrics: v.metrics ?? null,
+  };
 }
 /** A systemd-side message (no prefix). */
 function fail(message: string, errno: number = EINVAL): Want {
@@ -111,9 +132,9 @@ const TABLE: Row[] = [
     argv: ['--=5', 'x'],
     want: glibc(
       "option '--=5' is ambiguous; possibilities:" +
-        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol'",
+        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics'",
     ),
-    refSuffix: " '--listen' '--proxy-protocol'",
+    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics'",
   },
 
   // GNU permutation and strict left-to-right: the first decisive option wins.
@@ -198,6 +219,22 @@ const TABLE: Row[] = [
   { argv: ['--proxy-protocol'], oursOnly: true, want: glibc("option '--proxy-protocol' requires an argument") },
   { argv: ['--proxy-protocol=x', '-h'], oursOnly: true, want: fail('Failed to parse --proxy-protocol= argument: x') },
   { argv: ['-p', 'v1', 'x'], oursOnly: true, want: glibc("invalid option -- 'p'") }, // no short form, as upstream
+
+  // --drain-timeout (ours): a systemd.time(7) span; 0 (the default) closes at once, infinity waits.
+  { argv: ['--drain-timeout=30s', 'x'], oursOnly: true, want: ok('x', { drain: 30_000_000n }) },
+  { argv: ['--drain-timeout', '1min 500ms', 'x'], oursOnly: true, want: ok('x', { drain: 60_500_000n }) },
+  { argv: ['--drain-timeout=0', 'x'], oursOnly: true, want: ok('x', { drain: 0n }) },
+  { argv: ['--drain-timeout=infinity', 'x'], oursOnly: true, want: ok('x', { drain: null }) },
+  { argv: ['--dr=5', 'x'], oursOnly: true, want: ok('x', { drain: 5_000_000n }) },
+  { argv: ['--drain-timeout=soon', 'x'], oursOnly: true, want: fail('Failed to parse --drain-timeout= argument: soon') },
+  { argv: ['--drain-timeout=', 'x'], oursOnly: true, want: fail('Failed to parse --drain-timeout= argument: ') },
+  { argv: ['--drain-timeout=-1', 'x'], oursOnly: true, want: fail('Failed to parse --drain-timeout= argument: -1', ERANGE) },
+  { argv: ['--drain-timeout'], oursOnly: true, want: glibc("option '--drain-timeout' requires an argument") },
+
+  // --metrics (ours): kept raw; the CLI parses it as an address (address.test.ts covers the forms).
+  { argv: ['--metrics=127.0.0.1:9100', 'x'], oursOnly: true, want: ok('x', { metrics: '127.0.0.1:9100' }) },
+  { argv: ['--metrics', '@m', '--metrics=/run/m.sock', 'x'], oursOnly: true, want: ok('x', { metrics: '/run/m.sock' }) },
+  { argv: ['--metrics'], oursOnly: true, want: glibc("option '--metrics' requires an argument") },
 ];
 
 type Outcome =
@@ -339,7 +376,15 @@ for (const row of TABLE) {
       if (want.kind === 'run') {
         assert.deepEqual(ours, {
           action: 'run',
-          options: { connectionsMax: want.c, exitIdleTimeUsec: want.idle, listen: want.listen, proxyProtocol: want.pp, target: want.target },
+          options: {
+            connectionsMax: want.c,
+            exitIdleTimeUsec: want.idle,
+            listen: want.listen,
+            proxyProtocol: want.pp,
+            drainTimeoutUsec: want.drain,
+            metrics: want.metrics,
+            target: want.target,
+          },
         });
       } else {
         assert.deepEqual(ours, { action: want.kind });
@@ -414,6 +459,12 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
                           Send the backend a PROXY protocol header (v1: text, as
                           haproxy's send-proxy; v2: binary) with the client's
                           address, before any of the client's bytes
+     --drain-timeout=SPAN On SIGTERM/SIGINT stop accepting but keep forwarding
+                          open connections for up to SPAN ("infinity": no
+                          limit) before exiting (default: 0, close at once)
+     --metrics=ADDRESS    Serve Prometheus metrics at GET /metrics on ADDRESS
+                          (HOST:PORT, [IPv6]:PORT, /path or @abstract); keep
+                          it on loopback or a UNIX socket
   -h --help               Show this help
      --version            Show package version
 

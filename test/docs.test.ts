@@ -309,7 +309,16 @@ test('man page: documents exactly the options of --help, with the same synopsis 
   const help = helpText('socket-proxyd');
   const text = renderMan();
   const helpLong = [...new Set(help.match(/--[a-z][a-z-]*/g) ?? [])].sort();
-  assert.deepEqual(helpLong, ['--connections-max', '--exit-idle-time', '--help', '--listen', '--proxy-protocol', '--version']);
+  assert.deepEqual(helpLong, [
+    '--connections-max',
+    '--drain-timeout',
+    '--exit-idle-time',
+    '--help',
+    '--listen',
+    '--metrics',
+    '--proxy-protocol',
+    '--version',
+  ]);
   const options = section(text, 'OPTIONS');
   // Option tags are the lines indented by exactly 7 spaces.
   const tags = options.split('\n').filter((l) => /^ {7}-/.test(l));
