@@ -19,6 +19,8 @@ want() { # want COMMAND-OR-FILE PACKAGE
 want nginx nginx
 want /usr/lib/nginx/modules/ngx_stream_module.so libnginx-mod-stream
 want haproxy haproxy
+want systemd-socket-activate systemd
+want cc gcc
 want dnsmasq dnsmasq-base
 want dig bind9-dnsutils
 want promtool prometheus

@@ -1,0 +1,670 @@
+/**
+ * --proxy-protocol=v1|v2 against REAL receivers, through the real CLI (dist/cli.js):
+ *
+ * - nginx (`listen ... proxy_protocol`) reports what it parsed ($proxy_protocol_addr,
+ *   _port, _server_addr, _server_port) in a header to a small app behind it, which
+ *   echoes that and the request body back;
+ * - haproxy (`bind ... accept-proxy`, mode tcp) relays to an echo server with
+ *   `send-proxy`, i.e. re-encodes what it parsed as a v1 line, and relays the bytes;
+ *
+ * for v1 and v2, with the client on IPv4, IPv6, a dual-stack socket (IPv4 client:
+ * must arrive as plain IPv4) and a UNIX socket (v1 UNKNOWN / v2 LOCAL: accepted, and
+ * the receiver keeps the connection's own addresses), with UNIX and TCP targets, and
+ * the client's bytes intact after the header. Plus, on the wire: exactly the header
+ * then the client's bytes, and nothing at all without the option; a host-name target;
+ * a header write that fails (LD_PRELOAD shim); and a unit file written as in
+ * systemd v261 (`--proxy-protocol=v1`) run by systemd-socket-activate against nginx.
+ *
+ * nginx and haproxy run as foreground processes with their own configuration in a
+ * temporary directory, on UNIX sockets or on ports found free by binding port 0,
+ * and are killed at the end. Missing: a failure under CI, otherwise a skip.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import {
+  OURS,
+  ROOT,
+  connect,
+  randomBytes,
+  readAll,
+  startBackend,
+  startProxy,
+  tempDir,
+  waitFor,
+  type Listener,
+  type ListenSpec,
+  type Proxy,
+} from './helpers.ts';
+
+const tmp = tempDir();
+const children = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of children) child.kill('SIGKILL');
+  tmp.cleanup();
+});
+
+const CI = process.env.CI !== undefined && process.env.CI !== '';
+
+/** A program's path, looked up in PATH and the sbin directories (nginx and haproxy live there). */
+function findProgram(name: string): string | null {
+  const dirs = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/sbin', '/usr/local/sbin'];
+  for (const dir of dirs) {
+    if (dir === '') continue;
+    try {
+      accessSync(join(dir, name), constants.X_OK);
+      return join(dir, name);
+    } catch {
+      // not here
+    }
+  }
+  return null;
+}
+
+/** `false` (run) or a skip reason; under CI a missing program fails instead. */
+function missing(...names: string[]): string | false {
+  const absent = names.filter((n) => findProgram(n) === null);
+  if (absent.length === 0) return false;
+  const why = `${absent.join(', ')} not installed (scripts/ci-deps.sh installs ${absent.length > 1 ? 'them' : 'it'})`;
+  if (CI) throw new Error(why);
+  return why;
+}
+
+/** A free TCP port: bind port 0, read it, close. (Another process could take it in between; unlikely.) */
+async function freePort(host = '127.0.0.1'): Promise<number> {
+  const s = createServer();
+  s.listen({ host, port: 0 });
+  await once(s, 'listening');
+  const port = (s.address() as { port: number }).port;
+  s.close();
+  await once(s, 'close');
+  return port;
+}
+
+/** Spawn a receiver in the foreground; killed at the end of the file (or of the process). */
+function spawnReceiver(cmd: string, args: string[]): { child: ChildProcess; output: () => string } {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  let out = '';
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (out += d));
+  return { child, output: () => out };
+}
+
+async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = once(child, 'exit');
+  child.kill('SIGKILL');
+  await exited;
+}
+
+/** Wait until something accepts on a UNIX path or a TCP port. */
+async function waitAccepting(where: { path: string } | { host: string; port: number }, child: ChildProcess, output: () => string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`receiver exited (${child.exitCode}): ${output()}`);
+    try {
+      const s = await connect(where);
+      s.destroy();
+      return;
+    } catch {
+      if (Date.now() > deadline) throw new Error(`receiver not accepting on ${JSON.stringify(where)}: ${output()}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
+interface Receiver {
+  /** UNIX socket the receiver listens on, with the PROXY protocol required. */
+  path: string;
+  /** TCP port (127.0.0.1) it also listens on, PROXY protocol required. */
+  port: number;
+  child: ChildProcess;
+  output: () => string;
+  /** The app/echo server behind it. */
+  behind: Server;
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx: http, `listen ... proxy_protocol`; the parsed values go to the app in X-PP.
+
+const NGINX_PP = 'a=$proxy_protocol_addr p=$proxy_protocol_port sa=$proxy_protocol_server_addr sp=$proxy_protocol_server_port';
+
+function nginxConf(dir: string, listens: string[], app: string): string {
+  return `daemon off;
+master_process off;
+worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log info;
+events { worker_connections 128; }
+http {
+  access_log off;
+  client_body_temp_path ${dir}/body;
+  proxy_temp_path ${dir}/proxy;
+  fastcgi_temp_path ${dir}/fastcgi;
+  uwsgi_temp_path ${dir}/uwsgi;
+  scgi_temp_path ${dir}/scgi;
+  server {
+${listens.map((l) => `    listen ${l} proxy_protocol;`).join('\n')}
+    location / {
+      proxy_pass http://unix:${app}:;
+      proxy_set_header X-PP "${NGINX_PP}";
+      client_max_body_size 1m;
+    }
+  }
+}
+`;
+}
+
+/** The app behind nginx: replies `pp=<X-PP>\n` followed by the request body, byte for byte. */
+async function startApp(path: string): Promise<Server> {
+  const app = createHttpServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (d: Buffer) => chunks.push(d));
+    req.on('end', () => {
+      const body = Buffer.concat([Buffer.from(`pp=${String(req.headers['x-pp'] ?? '')}\n`), ...chunks]);
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': body.length });
+      res.end(body);
+    });
+  });
+  app.listen(path);
+  await once(app, 'listening');
+  return app;
+}
+
+async function startNginx(name: string): Promise<Receiver> {
+  const dir = join(tmp.dir, name);
+  mkdirSync(dir);
+  const path = join(dir, 'nginx.sock');
+  const port = await freePort();
+  const behind = await startApp(join(dir, 'app.sock'));
+  const conf = join(dir, 'nginx.conf');
+  writeFileSync(conf, nginxConf(dir, [`unix:${path}`, `127.0.0.1:${port}`], join(dir, 'app.sock')));
+  const { child, output } = spawnReceiver(findProgram('nginx') as string, ['-p', dir, '-e', join(dir, 'error.log'), '-c', conf]);
+  await waitAccepting({ path }, child, output);
+  return { path, port, child, output, behind };
+}
+
+/** One HTTP request through the proxy to nginx; resolves with nginx's view and the echoed body. */
+async function viaNginx(to: { host: string; port: number } | { path: string }, body: Buffer): Promise<{ pp: string; body: Buffer; clientPort: number }> {
+  const s = await connect(to);
+  const clientPort = s.localPort ?? 0;
+  const reading = readAll(s);
+  // No half-close: nginx would take the client's EOF for an abort.
+  s.write(Buffer.concat([Buffer.from(`POST /t HTTP/1.0\r\nHost: t\r\nContent-Length: ${body.length}\r\n\r\n`), body]));
+  const r = await reading;
+  s.destroy();
+  const text = r.data;
+  const head = text.indexOf('\r\n\r\n');
+  assert.ok(head > 0, `an HTTP response from nginx, got ${JSON.stringify(text.subarray(0, 200).toString('latin1'))}`);
+  assert.match(text.subarray(0, head).toString('latin1'), /^HTTP\/1\.1 200 /);
+  const payload = text.subarray(head + 4);
+  const nl = payload.indexOf('\n');
+  return { pp: payload.subarray(0, nl).toString('latin1'), body: payload.subarray(nl + 1), clientPort };
+}
+
+// ---------------------------------------------------------------------------------------------
+// haproxy: mode tcp, `accept-proxy`, relaying to an echo server with `send-proxy`.
+
+function haproxyConf(path: string, port: number, echoPath: string): string {
+  return `global
+  maxconn 256
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 20s
+  timeout server 20s
+frontend fe
+  bind ${path} accept-proxy
+  bind 127.0.0.1:${port} accept-proxy
+  default_backend be
+backend be
+  server echo ${echoPath} send-proxy
+`;
+}
+
+/**
+ * Behind haproxy: reads everything until the client's EOF, then replies with
+ * haproxy's v1 line (without CRLF), "\n", and the rest, byte for byte.
+ */
+async function startEcho(path: string): Promise<Server> {
+  const server = createServer({ allowHalfOpen: true }, (s) => {
+    s.on('error', () => {});
+    const chunks: Buffer[] = [];
+    s.on('data', (d: Buffer) => chunks.push(d));
+    s.on('end', () => {
+      const all = Buffer.concat(chunks);
+      const eol = all.indexOf('\r\n');
+      s.end(eol < 0 ? Buffer.concat([Buffer.from('no header\n'), all]) : Buffer.concat([all.subarray(0, eol), Buffer.from('\n'), all.subarray(eol + 2)]));
+    });
+  });
+  server.listen(path);
+  await once(server, 'listening');
+  return server;
+}
+
+async function startHaproxy(name: string): Promise<Receiver> {
+  const dir = join(tmp.dir, name);
+  mkdirSync(dir);
+  const path = join(dir, 'haproxy.sock');
+  const port = await freePort();
+  const behind = await startEcho(join(dir, 'echo.sock'));
+  const conf = join(dir, 'haproxy.cfg');
+  writeFileSync(conf, haproxyConf(path, port, join(dir, 'echo.sock')));
+  const { child, output } = spawnReceiver(findProgram('haproxy') as string, ['-db', '-f', conf]);
+  await waitAccepting({ path }, child, output);
+  return { path, port, child, output, behind };
+}
+
+/** Send `payload` through the proxy to haproxy, half-close, read the reply to EOF. */
+async function viaHaproxy(to: { host: string; port: number } | { path: string }, payload: Buffer): Promise<{ line: string; rest: Buffer; clientPort: number }> {
+  const s = await connect(to);
+  const clientPort = s.localPort ?? 0;
+  const reading = readAll(s);
+  s.end(payload);
+  const r = await reading;
+  s.destroy();
+  const nl = r.data.indexOf('\n');
+  assert.ok(nl >= 0, `a reply through haproxy (ended: ${r.ended}), got ${r.data.length} bytes`);
+  return { line: r.data.subarray(0, nl).toString('latin1'), rest: r.data.subarray(nl + 1), clientPort };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client side: one proxy per (receiver, version) serves four listeners.
+
+type Kind = 'ipv4' | 'ipv6' | 'dual' | 'unix';
+const KINDS: Kind[] = ['ipv4', 'ipv6', 'dual', 'unix'];
+
+function listenSpecs(name: string): ListenSpec[] {
+  return [
+    { kind: 'tcp', host: '127.0.0.1' },
+    { kind: 'tcp', host: '::1' },
+    // Node's listen on '::' is dual-stack (IPV6_V6ONLY off): an IPv4 client arrives as ::ffff:
+    { kind: 'tcp', host: '::' },
+    { kind: 'unix', path: join(tmp.dir, `${name}-client.sock`) },
+  ];
+}
+
+/** Where a client of listener `i` connects, and the address it expects the receiver to report. */
+function clientSide(l: Listener, kind: Kind): { to: { host: string; port: number } | { path: string }; address: string; port: number } {
+  if (kind === 'unix') return { to: l.connectOptions, address: '', port: 0 };
+  const port = (l.connectOptions as { port: number }).port;
+  if (kind === 'ipv6') return { to: { host: '::1', port }, address: '::1', port };
+  return { to: { host: '127.0.0.1', port }, address: '127.0.0.1', port };
+}
+
+/** nginx's X-PP for a client, given what the proxy should have told it. */
+function nginxSays(address: string, clientPort: number, port: number): string {
+  if (address === '') return 'a= p= sa= sp='; // LOCAL / UNKNOWN: no PROXY addresses
+  return `a=${address} p=${clientPort} sa=${address} sp=${port}`;
+}
+
+/** haproxy's send-proxy line for a client. */
+function haproxySays(address: string, clientPort: number, port: number): string {
+  // LOCAL / UNKNOWN: haproxy keeps the real connection, which came in on a UNIX socket.
+  if (address === '') return 'PROXY UNKNOWN';
+  return `PROXY ${address.includes(':') ? 'TCP6' : 'TCP4'} ${address} ${address} ${clientPort} ${port}`;
+}
+
+const skipReceivers = missing('nginx', 'haproxy');
+
+describe('real receivers', { skip: skipReceivers }, () => {
+  let nginx: Receiver;
+  let haproxy: Receiver;
+  before(async () => {
+    [nginx, haproxy] = await Promise.all([startNginx('nginx'), startHaproxy('haproxy')]);
+  });
+  after(async () => {
+    for (const r of [nginx, haproxy]) {
+      if (r === undefined) continue;
+      await stopChild(r.child);
+      r.behind.close();
+    }
+  });
+
+  for (const version of ['v1', 'v2'] as const) {
+    test(`nginx (listen ... proxy_protocol), ${version}: IPv4, IPv6, dual-stack IPv4 client as IPv4, UNIX client as ${version === 'v1' ? 'UNKNOWN' : 'LOCAL'}; body intact`, async () => {
+      const name = `nginx-${version}`;
+      const p = await startProxy({ args: [`--proxy-protocol=${version}`, nginx.path], listen: listenSpecs(name) });
+      try {
+        for (const [i, kind] of KINDS.entries()) {
+          const side = clientSide(p.listeners[i] as Listener, kind);
+          const body = randomBytes(4096 + i);
+          const r = await viaNginx(side.to, body);
+          assert.equal(r.pp, `pp=${nginxSays(side.address, r.clientPort, side.port)}`, `${kind}: what nginx parsed`);
+          assert.ok(r.body.equals(body), `${kind}: the body arrived intact`);
+        }
+        assert.equal(p.stderr(), '', 'nothing logged at the default level (the UNIX fallback is a debug message)');
+      } finally {
+        await p.stop();
+      }
+    });
+
+    test(`haproxy (accept-proxy), ${version}: IPv4, IPv6, dual-stack IPv4 client as IPv4, UNIX client as ${version === 'v1' ? 'UNKNOWN' : 'LOCAL'}; bytes intact, half-close`, async () => {
+      const name = `haproxy-${version}`;
+      const p = await startProxy({ args: [`--proxy-protocol=${version}`, haproxy.path], listen: listenSpecs(name) });
+      try {
+        for (const [i, kind] of KINDS.entries()) {
+          const side = clientSide(p.listeners[i] as Listener, kind);
+          const payload = randomBytes(65536 + i);
+          const r = await viaHaproxy(side.to, payload);
+          assert.equal(r.line, haproxySays(side.address, r.clientPort, side.port), `${kind}: what haproxy parsed`);
+          assert.ok(r.rest.equals(payload), `${kind}: the client's bytes arrived intact`);
+        }
+        assert.equal(p.stderr(), '');
+      } finally {
+        await p.stop();
+      }
+    });
+  }
+
+  test('TCP targets and --listen=: nginx and haproxy on 127.0.0.1 ports, v1 and v2', async () => {
+    for (const [receiver, version] of [[nginx, 'v2'], [haproxy, 'v1'], [nginx, 'v1'], [haproxy, 'v2']] as const) {
+      const port = await freePort('::');
+      const p = await startProxy({ args: [`--proxy-protocol=${version}`, `--listen=[::]:${port}`, `127.0.0.1:${receiver.port}`] });
+      try {
+        const to = { host: '127.0.0.1', port };
+        await waitAcceptingProxy(to, p);
+        if (receiver === nginx) {
+          const body = randomBytes(1000);
+          const r = await viaNginx(to, body);
+          assert.equal(r.pp, `pp=${nginxSays('127.0.0.1', r.clientPort, port)}`, `nginx ${version}`);
+          assert.ok(r.body.equals(body));
+          const r6 = await viaNginx({ host: '::1', port }, body);
+          assert.equal(r6.pp, `pp=${nginxSays('::1', r6.clientPort, port)}`, `nginx ${version} over IPv6`);
+        } else {
+          const payload = randomBytes(100_000);
+          const r = await viaHaproxy(to, payload);
+          assert.equal(r.line, haproxySays('127.0.0.1', r.clientPort, port), `haproxy ${version}`);
+          assert.ok(r.rest.equals(payload));
+        }
+      } finally {
+        await p.stop();
+      }
+    }
+  });
+
+  test('control: without --proxy-protocol both receivers refuse the connection (the header is what they accepted)', async () => {
+    const p = await startProxy({ args: [nginx.path], listen: [{ kind: 'tcp' }] });
+    const q = await startProxy({ args: [haproxy.path], listen: [{ kind: 'tcp' }] });
+    try {
+      const s = await connect(p.listeners[0]!.connectOptions);
+      const reading = readAll(s);
+      s.write('GET / HTTP/1.0\r\n\r\n');
+      const r = await reading;
+      s.destroy();
+      assert.equal(r.data.length, 0, `nginx answered nothing (broken header), got ${JSON.stringify(r.data.toString('latin1').slice(0, 80))}`);
+      const t = await connect(q.listeners[0]!.connectOptions);
+      const reading2 = readAll(t);
+      t.end(Buffer.from('hello'));
+      const r2 = await reading2;
+      t.destroy();
+      assert.equal(r2.data.length, 0, 'haproxy relayed nothing');
+    } finally {
+      await Promise.all([p.stop(), q.stop()]);
+    }
+  });
+});
+
+/** Wait until a proxy started with --listen= accepts. */
+async function waitAcceptingProxy(to: { host: string; port: number }, p: Proxy): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (p.child.exitCode !== null) throw new Error(`proxy exited: ${p.stderr()}`);
+    try {
+      // A probe that connects and closes at once: the proxy connects the backend and tears down.
+      const s = await connect(to);
+      s.destroy();
+      return;
+    } catch {
+      if (Date.now() > deadline) throw new Error(`proxy not accepting: ${p.stderr()}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the wire, with our own backend recording the raw bytes.
+
+/** A backend that records every byte of each connection until EOF, then closes. */
+async function recordingBackend(where: { host?: string; path?: string } = {}): Promise<{ address: string; got: Promise<Buffer>[]; close(): Promise<void> }> {
+  const got: Promise<Buffer>[] = [];
+  const b = await startBackend((s: Socket) => {
+    got.push(
+      new Promise((res) => {
+        const chunks: Buffer[] = [];
+        s.on('data', (d: Buffer) => chunks.push(d));
+        s.on('end', () => {
+          s.end();
+          res(Buffer.concat(chunks));
+        });
+        s.on('close', () => res(Buffer.concat(chunks)));
+      }),
+    );
+  }, where);
+  return { address: b.address, got, close: () => b.close() };
+}
+
+async function sendAndClose(to: { host: string; port: number } | { path: string }, payload: Buffer): Promise<number> {
+  const s = await connect(to);
+  const port = s.localPort ?? 0;
+  // Written at once on connect: the proxy has not even reached the backend yet.
+  const reading = readAll(s);
+  s.end(payload);
+  await reading;
+  s.destroy();
+  return port;
+}
+
+const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');
+const be16 = (n: number): string => n.toString(16).padStart(4, '0');
+
+describe('on the wire', () => {
+  test('without the option nothing is sent: the backend gets exactly the client\'s bytes', async () => {
+    const b = await recordingBackend();
+    const p = await startProxy({ args: [b.address], listen: [{ kind: 'tcp' }, { kind: 'unix', path: join(tmp.dir, 'none.sock') }] });
+    try {
+      for (const l of p.listeners) {
+        const payload = Buffer.concat([Buffer.from('PROXY '), randomBytes(3000)]);
+        await sendAndClose(l.connectOptions, payload);
+        await waitFor(() => b.got.length === p.listeners.indexOf(l) + 1, 5000, 'the backend connection');
+        assert.ok((await b.got.at(-1)!).equals(payload));
+      }
+    } finally {
+      await p.stop();
+      await b.close();
+    }
+  });
+
+  test('v1 and v2: exactly one header, then the client\'s bytes (written before the backend was even connected)', async (t) => {
+    const b = await recordingBackend();
+    const u = await recordingBackend({ path: join(tmp.dir, 'wire-backend.sock') });
+    t.after(() => Promise.all([b.close(), u.close()]));
+    for (const [version, backend] of [['v1', b], ['v2', b], ['v1', u], ['v2', u]] as const) {
+      const before = backend.got.length;
+      const p = await startProxy({ args: [`--proxy-protocol=${version}`, backend.address], listen: [{ kind: 'tcp' }, { kind: 'tcp', host: '::1' }] });
+      try {
+        for (const [i, l] of p.listeners.entries()) {
+          const payload = randomBytes(50_000);
+          const port = (l.connectOptions as { port: number }).port;
+          const clientPort = await sendAndClose(l.connectOptions, payload);
+          await waitFor(() => backend.got.length === before + i + 1, 5000, 'the backend connection');
+          const got = await backend.got.at(-1)!;
+          let header: Buffer;
+          if (version === 'v1') {
+            header = Buffer.from(i === 0 ? `PROXY TCP4 127.0.0.1 127.0.0.1 ${clientPort} ${port}\r\n` : `PROXY TCP6 ::1 ::1 ${clientPort} ${port}\r\n`);
+          } else if (i === 0) {
+            header = hex(`0d0a0d0a000d0a515549540a 21 11 000c 7f000001 7f000001 ${be16(clientPort)} ${be16(port)}`);
+          } else {
+            const one = '00000000000000000000000000000001';
+            header = hex(`0d0a0d0a000d0a515549540a 21 21 0024 ${one} ${one} ${be16(clientPort)} ${be16(port)}`);
+          }
+          assert.ok(got.equals(Buffer.concat([header, payload])), `${version} via ${backend.address}, listener ${i}: got ${JSON.stringify(got.subarray(0, 60).toString('latin1'))}`);
+        }
+      } finally {
+        await p.stop();
+      }
+    }
+  });
+
+  test('a host-name target: the header goes, once, to the address that connected', async () => {
+    const b = await recordingBackend();
+    const port = Number(b.address.split(':').at(-1));
+    const p = await startProxy({ args: ['--proxy-protocol=v1', `localhost:${port}`], listen: [{ kind: 'tcp' }] });
+    try {
+      const payload = randomBytes(1000);
+      const clientPort = await sendAndClose(p.listeners[0]!.connectOptions, payload);
+      await waitFor(() => b.got.length === 1, 5000, 'the backend connection');
+      const lport = (p.listeners[0]!.connectOptions as { port: number }).port;
+      assert.ok((await b.got[0]!).equals(Buffer.concat([Buffer.from(`PROXY TCP4 127.0.0.1 127.0.0.1 ${clientPort} ${lport}\r\n`), payload])));
+    } finally {
+      await p.stop();
+      await b.close();
+    }
+  });
+
+  test('UNIX client: the fallback is logged at debug level only, with upstream\'s words', async (t) => {
+    const b = await recordingBackend();
+    t.after(() => b.close());
+    for (const [version, level, word] of [['v1', 'debug', 'UNKNOWN'], ['v2', 'debug', 'LOCAL'], ['v1', 'info', '']] as const) {
+      const p = await startProxy({ args: [`--proxy-protocol=${version}`, b.address], listen: [{ kind: 'unix', path: join(tmp.dir, `fb-${version}-${level}.sock`) }], env: { SYSTEMD_LOG_LEVEL: level } });
+      try {
+        const before = b.got.length;
+        await sendAndClose(p.listeners[0]!.connectOptions, Buffer.from('x'));
+        await waitFor(() => b.got.length === before + 1, 5000, 'the backend connection');
+        const header = version === 'v1' ? Buffer.from('PROXY UNKNOWN\r\n') : hex('0d0a0d0a000d0a515549540a 20 00 0000');
+        assert.ok((await b.got.at(-1)!).equals(Buffer.concat([header, Buffer.from('x')])));
+        const line = `Only TCP on IPv4 and IPv6 are supported, reporting fallback proxy data '${word}'.`;
+        if (level === 'debug') await waitFor(() => p.stderr().includes(line), 5000, line);
+        else assert.ok(!p.stderr().includes('Only TCP'), p.stderr());
+      } finally {
+        await p.stop();
+      }
+    }
+  });
+
+  test('a header that cannot be written: "Failed to write to remote host: ..." at error level, that connection closed, the proxy keeps serving', async (t) => {
+    const cc = findProgram('cc');
+    if (cc === null) {
+      if (CI) assert.fail('cc is needed to build the LD_PRELOAD shim');
+      t.skip('no C compiler');
+      return;
+    }
+    const shim = join(tmp.dir, 'header_write_fail.so');
+    const r = spawnSync(cc, ['-shared', '-fPIC', '-O2', '-o', shim, join(ROOT, 'test/fixtures/header_write_fail.c'), '-ldl'], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(r.status, 0, r.stderr);
+    const b = await recordingBackend();
+    t.after(() => b.close());
+    for (const version of ['v1', 'v2']) {
+      const before = b.got.length;
+      // SYSTEMD_LOG_LEVEL=err: the line must still appear, so it is logged at error level (or above).
+      const p = await startProxy({
+        args: [`--proxy-protocol=${version}`, b.address],
+        listen: [{ kind: 'tcp' }],
+        env: { LD_PRELOAD: shim, SPD_HEADER_FAIL_ERRNO: '32', SYSTEMD_LOG_LEVEL: 'err' },
+      });
+      try {
+        const s = await connect(p.listeners[0]!.connectOptions);
+        const first = await readAll(s);
+        s.destroy();
+        assert.equal(first.data.length, 0, 'the client got nothing');
+        assert.notEqual(first.ended, 'timeout', 'the client\'s connection was closed');
+        await waitFor(() => p.stderr().includes('\n'), 5000, 'a log line');
+        assert.equal(p.stderr(), 'Failed to write to remote host: Broken pipe\n');
+        // The next connection is served, header and all.
+        const payload = randomBytes(2000);
+        await sendAndClose(p.listeners[0]!.connectOptions, payload);
+        await waitFor(() => b.got.length === before + 2, 5000, 'two backend connections');
+        assert.equal((await b.got[before]!).length, 0, 'the failed connection sent the backend nothing');
+        const got = await b.got[before + 1]!;
+        assert.ok(got.subarray(got.length - payload.length).equals(payload));
+        assert.equal(got.length - payload.length, version === 'v1' ? got.indexOf('\r\n') + 2 : 28);
+        assert.equal(p.child.exitCode, null, 'still running');
+      } finally {
+        await p.stop();
+      }
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// A unit file as systemd v261 documents the option, run by systemd-socket-activate.
+
+/*
+ * The man page's "Simple Example" (proxy-to-nginx.socket/.service, nginx on a UNIX
+ * socket) with v261's option added, the way a v261 user writes it. The v261 page's
+ * own text was not available to copy; its examples are otherwise unchanged since v252.
+ */
+const V261_SOCKET = `[Socket]
+ListenStream=80
+
+[Install]
+WantedBy=sockets.target
+`;
+const V261_SERVICE = `[Unit]
+Requires=nginx.service
+After=nginx.service
+Requires=proxy-to-nginx.socket
+After=proxy-to-nginx.socket
+
+[Service]
+Type=notify
+ExecStart=/usr/lib/systemd/systemd-socket-proxyd --proxy-protocol=v1 /run/nginx/socket
+PrivateTmp=yes
+PrivateNetwork=yes
+`;
+
+describe('systemd v261 unit file', { skip: missing('nginx', 'systemd-socket-activate') }, () => {
+  test('ExecStart=... --proxy-protocol=v1 /run/nginx/socket runs unchanged under systemd-socket-activate, against nginx', async () => {
+    const dir = join(tmp.dir, 'v261');
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'proxy-to-nginx.socket'), V261_SOCKET);
+    writeFileSync(join(dir, 'proxy-to-nginx.service'), V261_SERVICE);
+    const execStart = (readFileSync(join(dir, 'proxy-to-nginx.service'), 'utf8').match(/^ExecStart=(.*)$/m) as RegExpMatchArray)[1]!.split(' ');
+    const listenStream = (readFileSync(join(dir, 'proxy-to-nginx.socket'), 'utf8').match(/^ListenStream=(.*)$/m) as RegExpMatchArray)[1]!;
+    assert.equal(listenStream, '80');
+    // Only what this machine forces: our binary for systemd's, a free port for 80 (tests never
+    // take fixed ports), and nginx's socket in a temporary directory for /run/nginx/socket.
+    const sock = join(dir, 'nginx.sock');
+    const argv = execStart.slice(1).map((a) => (a === '/run/nginx/socket' ? sock : a));
+    assert.deepEqual(argv, ['--proxy-protocol=v1', sock]);
+    const app = await startApp(join(dir, 'app.sock'));
+    writeFileSync(join(dir, 'nginx.conf'), nginxConf(dir, [`unix:${sock}`], join(dir, 'app.sock')));
+    const ng = spawnReceiver(findProgram('nginx') as string, ['-p', dir, '-e', join(dir, 'error.log'), '-c', join(dir, 'nginx.conf')]);
+    const port = await freePort('::');
+    // -l PORT, like ListenStream=PORT: an IPv6 dual-stack socket, as systemd makes it.
+    const act = spawnReceiver(findProgram('systemd-socket-activate') as string, ['-l', String(port), '--', process.execPath, OURS, ...argv]);
+    try {
+      await waitAccepting({ path: sock }, ng.child, ng.output);
+      const body = randomBytes(3000);
+      for (const host of ['127.0.0.1', '::1']) {
+        const r = await retry(() => viaNginx({ host, port }, body));
+        assert.equal(r.pp, `pp=${nginxSays(host, r.clientPort, port)}`, `nginx saw the client (${host})`);
+        assert.ok(r.body.equals(body));
+      }
+    } finally {
+      await stopChild(act.child);
+      await stopChild(ng.child);
+      app.close();
+    }
+  });
+});
+
+/** systemd-socket-activate binds before it prints; until then connections are refused. */
+async function retry<T>(fn: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
