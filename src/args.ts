@@ -21,6 +21,7 @@ export interface Options {
   proxyProtocol: 'v1' | 'v2' | null; // --proxy-protocol= (v1 as systemd v261, v2 ours), default null: no header
   drainTimeoutUsec: bigint | null; // --drain-timeout=: 0n = no drain (the default), null = wait without limit
   metrics: string | null; // --metrics=ADDRESS (raw; parsed by the caller), default null
+  noDelay: boolean; // --nodelay=BOOL (our extension): TCP_NODELAY on TCP sockets, default true
   target: string; // the one positional argument
 }
 
@@ -29,7 +30,7 @@ export type Parsed =
   | { action: 'version' }
   | { action: 'run'; options: Options };
 
-type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol' | 'drain-timeout' | 'metrics';
+type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol' | 'drain-timeout' | 'metrics' | 'nodelay';
 type OptionId = ValueOptionId | 'help' | 'version';
 
 interface LongOption {
@@ -52,6 +53,7 @@ const LONG_OPTIONS: readonly LongOption[] = [
   { name: 'proxy-protocol', hasArg: true, id: 'proxy-protocol' },
   { name: 'drain-timeout', hasArg: true, id: 'drain-timeout' },
   { name: 'metrics', hasArg: true, id: 'metrics' },
+  { name: 'nodelay', hasArg: true, id: 'nodelay' },
 ];
 
 function usage(message: string, errno: number = EINVAL): ProxyError {
@@ -149,6 +151,32 @@ function safeAtou(text: string): number {
   return Number(value);
 }
 
+/**
+ * systemd's parse_boolean(): "1", "yes", "y", "true", "t", "on" and "0", "no", "n", "false",
+ * "f", "off", case-insensitive (strcaseeq); anything else, including "" and surrounding
+ * space, is an error. Returns null for an invalid word.
+ */
+export function parseBoolean(text: string): boolean | null {
+  switch (text.toLowerCase()) {
+    case '1':
+    case 'yes':
+    case 'y':
+    case 'true':
+    case 't':
+    case 'on':
+      return true;
+    case '0':
+    case 'no':
+    case 'n':
+    case 'false':
+    case 'f':
+    case 'off':
+      return false;
+    default:
+      return null;
+  }
+}
+
 function timespanErrno(err: unknown): number | undefined {
   if (err instanceof Error && 'errno' in err && typeof err.errno === 'number') return err.errno;
   return undefined;
@@ -198,6 +226,12 @@ function apply(id: ValueOptionId, arg: string, options: Options): void {
       if (arg !== 'v1' && arg !== 'v2') throw usage(`Failed to parse --proxy-protocol= argument: ${arg}`);
       options.proxyProtocol = arg;
       return;
+    case 'nodelay': {
+      const value = parseBoolean(arg);
+      if (value === null) throw usage(`Failed to parse --nodelay= argument: ${arg}`);
+      options.noDelay = value;
+      return;
+    }
   }
 }
 
@@ -220,6 +254,7 @@ export function parseArgv(
     proxyProtocol: null,
     drainTimeoutUsec: 0n,
     metrics: null,
+    noDelay: true,
     target: '',
   };
   const positional: string[] = [];
@@ -309,6 +344,8 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
      --metrics=ADDRESS    Serve Prometheus metrics at GET /metrics on ADDRESS
                           (HOST:PORT, [IPv6]:PORT, /path or @abstract); keep
                           it on loopback or a UNIX socket
+     --nodelay=BOOL       Set TCP_NODELAY on the TCP sockets of each connection,
+                          so small writes are not delayed (default: yes)
   -h --help               Show this help
      --version            Show package version
 

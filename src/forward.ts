@@ -92,6 +92,8 @@ function newWriteReq(): WriteReq {
 /** What the engine provides to each connection. */
 export interface ConnectionOwner {
   readonly target: Address;
+  /** Set TCP_NODELAY on a TCP backend socket (the engine does the accepted one). */
+  readonly noDelay: boolean;
   readonly log: (level: number, message: string) => void;
   /** Called exactly once, when both handles of the connection are closed. */
   readonly release: (conn: Connection) => void;
@@ -186,6 +188,8 @@ function connectBackend(conn: Connection, address: string, port: number, family:
     err = pipe.connect(newConnectReq(new uv.PipeConnectWrap()), address);
   } else {
     const tcp = new uv.TCP(uv.TCP_SOCKET);
+    // Before connect, libuv only records this and sets it when it creates the socket.
+    if (conn.owner.noDelay) tcp.setNoDelay(true);
     backend = tcp as unknown as ProxyHandle;
     backend[kConn] = conn;
     const req = newConnectReq(new uv.TCPConnectWrap());

@@ -316,6 +316,7 @@ export async function main(argv: string[]): Promise<void> {
       connectionsMax: options.connectionsMax,
       exitIdleTimeUsec: options.exitIdleTimeUsec,
       proxyProtocol: options.proxyProtocol,
+      noDelay: options.noDelay,
       logger: log,
       onIdle: stop,
     });

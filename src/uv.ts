@@ -38,6 +38,12 @@ export interface StreamHandle {
 export interface TcpHandle extends StreamHandle {
   connect(req: ConnectReq, address: string, port: number): number;
   connect6(req: ConnectReq, address: string, port: number): number;
+  /**
+   * uv_tcp_nodelay(): TCP_NODELAY on (true) or off; 0 or a negative errno. On a handle
+   * with no socket yet (before connect) libuv only records it and sets the option when
+   * it creates the socket, so the connect path costs no extra call.
+   */
+  setNoDelay(enable: boolean): number;
 }
 
 export interface PipeHandle extends StreamHandle {
@@ -144,6 +150,7 @@ function loadBindings(): Bindings {
     }
   }
   member(TCP.prototype as Binding, 'connect6', 'function');
+  member(TCP.prototype as Binding, 'setNoDelay', 'function');
   return {
     TCP,
     Pipe,

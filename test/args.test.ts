@@ -31,6 +31,7 @@ type Want =
       pp: 'v1' | 'v2' | null;
       drain: bigint | null;
       metrics: string | null;
+      noDelay: boolean;
     }
   | { kind: 'error'; message: string; errno: number };
 
@@ -39,7 +40,7 @@ interface Row {
   want: Want;
   /** POSIXLY_CORRECT value for this row (both sides); absent = unset. */
   posix?: string;
-  /** Uses --listen, which the reference does not know: check our side only. */
+  /** Uses --listen or --nodelay, which the reference does not know: check our side only. */
   oursOnly?: true;
   /** Our message is the reference's plus this (our extra long option in a candidate list). */
   refSuffix?: string;
@@ -49,7 +50,7 @@ const HELP: Want = { kind: 'help' };
 const VERSION: Want = { kind: 'version' };
 function ok(
   target: string,
-  v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2'; drain?: bigint | null; metrics?: string } = {},
+  v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2'; drain?: bigint | null; metrics?: string; noDelay?: boolean } = {},
 ): Want {
   return {
     kind: 'run',
@@ -60,7 +61,11 @@ function ok(
     pp: v.pp ?? null,
     drain: v.drain === undefined ? 0n : v.drain,
     metrics: v.metrics ?? null,
+    noDelay: v.noDelay ?? true,
   };
+}
+function badNoDelay(arg: string): Want {
+  return fail(`Failed to parse --nodelay= argument: ${arg}`);
 }
 /** A systemd-side message (no prefix). */
 function fail(message: string, errno: number = EINVAL): Want {
@@ -81,7 +86,7 @@ const TABLE: Row[] = [
   // Exactly one positional, counted after all options.
   { argv: [], want: fail('Not enough parameters.') },
   { argv: ['a', 'b'], want: fail('Too many parameters.') },
-  { argv: ['x'], want: ok('x') }, // defaults: -c 256, idle infinity, no --listen
+  { argv: ['x'], want: ok('x') }, // defaults: -c 256, idle infinity, no --listen, nodelay on
   { argv: ['127.0.0.1:1'], want: ok('127.0.0.1:1') },
   { argv: ['x', 'y', '-c', 'abc'], want: badC('abc') }, // option errors come before the count
 
@@ -132,9 +137,9 @@ const TABLE: Row[] = [
     argv: ['--=5', 'x'],
     want: glibc(
       "option '--=5' is ambiguous; possibilities:" +
-        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics'",
+        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay'",
     ),
-    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics'",
+    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay'",
   },
 
   // GNU permutation and strict left-to-right: the first decisive option wins.
@@ -235,6 +240,21 @@ const TABLE: Row[] = [
   { argv: ['--metrics=127.0.0.1:9100', 'x'], oursOnly: true, want: ok('x', { metrics: '127.0.0.1:9100' }) },
   { argv: ['--metrics', '@m', '--metrics=/run/m.sock', 'x'], oursOnly: true, want: ok('x', { metrics: '/run/m.sock' }) },
   { argv: ['--metrics'], oursOnly: true, want: glibc("option '--metrics' requires an argument") },
+
+  // --nodelay=BOOL (ours): systemd's parse_boolean words, any case; the last one wins.
+  ...['1', 'yes', 'y', 'true', 't', 'on', 'YES', 'On', 'TRUE'].map((w): Row => ({ argv: [`--nodelay=${w}`, 'x'], oursOnly: true, want: ok('x') })),
+  ...['0', 'no', 'n', 'false', 'f', 'off', 'NO', 'Off', 'False'].map((w): Row => ({ argv: [`--nodelay=${w}`, 'x'], oursOnly: true, want: ok('x', { noDelay: false }) })),
+  { argv: ['--nodelay', 'no', 'x'], oursOnly: true, want: ok('x', { noDelay: false }) },
+  { argv: ['--nod=off', 'x', '--nodelay=on'], oursOnly: true, want: ok('x') },
+  { argv: ['--n=0', '-c2', 'x'], oursOnly: true, want: ok('x', { c: 2, noDelay: false }) },
+  { argv: ['--nodelay=', 'x'], oursOnly: true, want: badNoDelay('') },
+  { argv: ['--nodelay=maybe', 'x'], oursOnly: true, want: badNoDelay('maybe') },
+  { argv: ['--nodelay= yes', 'x'], oursOnly: true, want: badNoDelay(' yes') },
+  { argv: ['--nodelay=2', 'x'], oursOnly: true, want: badNoDelay('2') },
+  { argv: ['--nodelay=yess', 'x'], oursOnly: true, want: badNoDelay('yess') },
+  { argv: ['--nodelay=bogus', '-h'], oursOnly: true, want: badNoDelay('bogus') }, // left to right
+  { argv: ['--nodelay'], oursOnly: true, want: glibc("option '--nodelay' requires an argument") },
+  { argv: ['--nodelay=no', 'x', 'y'], oursOnly: true, want: fail('Too many parameters.') },
 ];
 
 type Outcome =
@@ -383,6 +403,7 @@ for (const row of TABLE) {
             proxyProtocol: want.pp,
             drainTimeoutUsec: want.drain,
             metrics: want.metrics,
+            noDelay: want.noDelay,
             target: want.target,
           },
         });
@@ -465,6 +486,8 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
      --metrics=ADDRESS    Serve Prometheus metrics at GET /metrics on ADDRESS
                           (HOST:PORT, [IPv6]:PORT, /path or @abstract); keep
                           it on loopback or a UNIX socket
+     --nodelay=BOOL       Set TCP_NODELAY on the TCP sockets of each connection,
+                          so small writes are not delayed (default: yes)
   -h --help               Show this help
      --version            Show package version
 

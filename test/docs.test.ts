@@ -316,6 +316,7 @@ test('man page: documents exactly the options of --help, with the same synopsis 
     '--help',
     '--listen',
     '--metrics',
+    '--nodelay',
     '--proxy-protocol',
     '--version',
   ]);
@@ -393,6 +394,7 @@ test('man page: sections, environment, exit status, examples and differences fro
     'also armed at start-up',
     'somaxconn',
     'busy-looping',
+    'TCP_NODELAY is set on both TCP sockets',
     'SIGTERM and SIGINT are handled',
     'a UNIX socket',
   ]) {
