@@ -22,6 +22,10 @@ export interface Options {
   drainTimeoutUsec: bigint | null; // --drain-timeout=: 0n = no drain (the default), null = wait without limit
   metrics: string | null; // --metrics=ADDRESS (raw; parsed by the caller), default null
   noDelay: boolean; // --nodelay=BOOL (our extension): TCP_NODELAY on TCP sockets, default true
+  /** --listen-datagram=ADDR values in order (UDP, our extension); absent when not given. */
+  listenDatagram?: string[];
+  /** --idle-timeout=SPAN in µs; null = infinity; absent = not given (datagram flows: 60 s). */
+  idleTimeoutUsec?: bigint | null;
   target: string; // the one positional argument
 }
 
@@ -30,7 +34,7 @@ export type Parsed =
   | { action: 'version' }
   | { action: 'run'; options: Options };
 
-type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol' | 'drain-timeout' | 'metrics' | 'nodelay';
+type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol' | 'drain-timeout' | 'metrics' | 'nodelay' | 'listen-datagram' | 'idle-timeout';
 type OptionId = ValueOptionId | 'help' | 'version';
 
 interface LongOption {
@@ -54,6 +58,9 @@ const LONG_OPTIONS: readonly LongOption[] = [
   { name: 'drain-timeout', hasArg: true, id: 'drain-timeout' },
   { name: 'metrics', hasArg: true, id: 'metrics' },
   { name: 'nodelay', hasArg: true, id: 'nodelay' },
+  // Appended: the ambiguity lists of the options above keep their order.
+  { name: 'listen-datagram', hasArg: true, id: 'listen-datagram' },
+  { name: 'idle-timeout', hasArg: true, id: 'idle-timeout' },
 ];
 
 function usage(message: string, errno: number = EINVAL): ProxyError {
@@ -217,6 +224,14 @@ function apply(id: ValueOptionId, arg: string, options: Options): void {
       // Stored raw, like --listen=: the caller parses it with parseAddress().
       options.metrics = arg;
       return;
+    case 'idle-timeout': {
+      const usec = parseSpan(id, arg);
+      options.idleTimeoutUsec = usec === USEC_INFINITY ? null : usec;
+      return;
+    }
+    case 'listen-datagram':
+      (options.listenDatagram ??= []).push(arg);
+      return;
     case 'listen':
       // Stored raw: the listener module validates addresses and reports its own errors.
       options.listen.push(arg);
@@ -346,6 +361,12 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
                           it on loopback or a UNIX socket
      --nodelay=BOOL       Set TCP_NODELAY on the TCP sockets of each connection,
                           so small writes are not delayed (default: yes)
+     --listen-datagram=ADDRESS
+                          Also receive UDP datagrams on ADDRESS (PORT,
+                          HOST:PORT or [IPv6]:PORT) and forward them, one flow
+                          per client; may be repeated
+     --idle-timeout=SPAN  End a UDP flow after this long without a datagram
+                          either way (default: 60s)
   -h --help               Show this help
      --version            Show package version
 

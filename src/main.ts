@@ -16,6 +16,7 @@ import { armIdleTimer, closeProxy, createProxy, drainProxy, listenOnAddress, lis
 import { statisticsLine, statusSummary } from './stats.ts';
 import { strerror } from './strerror.ts';
 import { formatTimespan } from './timespan.ts';
+import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd } from './datagram.ts';
 
 type NotifyModule = typeof import('./notify.ts');
 type MetricsModule = typeof import('./metrics.ts');
@@ -288,6 +289,7 @@ export async function main(argv: string[]): Promise<void> {
   let target: Address;
   let listen: Address[];
   let metricsAddress: Address | null;
+  let listenDatagram: Address[];
   try {
     const parsed = parseArgv(argv, programName(), env);
     if (parsed.action === 'help') {
@@ -303,6 +305,7 @@ export async function main(argv: string[]): Promise<void> {
     listen = options.listen.map(parseListenAddress);
     metricsAddress = options.metrics === null ? null : parseListenAddress(options.metrics);
     drainTimeoutUsec = options.drainTimeoutUsec;
+    listenDatagram = (options.listenDatagram ?? []).map(parseListenAddress);
   } catch (err) {
     fail(log, err);
   }
@@ -310,23 +313,34 @@ export async function main(argv: string[]): Promise<void> {
   let started: Proxy;
   try {
     const fds = takeListenFds(env, process.pid);
-    if (fds.length === 0 && listen.length === 0) throw new ProxyError('ERR_LISTEN_FDS', MSG_NO_SOCKETS, EINVAL);
+    if (fds.length === 0 && listen.length === 0 && listenDatagram.length === 0) throw new ProxyError('ERR_LISTEN_FDS', MSG_NO_SOCKETS, EINVAL);
     started = proxy = createProxy({
       target,
       connectionsMax: options.connectionsMax,
       exitIdleTimeUsec: options.exitIdleTimeUsec,
       proxyProtocol: options.proxyProtocol,
       noDelay: options.noDelay,
+      ...(options.idleTimeoutUsec !== undefined ? { idleTimeoutUsec: options.idleTimeoutUsec } : {}),
       logger: log,
       onIdle: stop,
     });
-    for (const { fd } of fds) await listenOnFd(started, fd);
+    for (const { fd } of fds) {
+      try {
+        await listenOnFd(started, fd);
+      } catch (err) {
+        // Not a listening stream socket: serve it if it is a UDP one (ListenDatagram=),
+        // otherwise keep the reference's refusal.
+        if (!(err instanceof ProxyError && err.code === 'ERR_NOT_STREAM' && isUdpFd(fd))) throw err;
+        listenDatagramOnFd(started, fd);
+      }
+    }
     for (const address of listen) {
       const path = address.kind === 'unix' && !address.path.startsWith('\0') ? address.path : null;
       if (path !== null) await removeStaleSocket(path);
       await listenOnAddress(started, address);
       if (path !== null) boundPaths.push(path);
     }
+    for (const address of listenDatagram) await listenDatagramOnAddress(started, address);
     if (metricsAddress !== null) await serveMetrics(started, metricsAddress, log);
   } catch (err) {
     fail(log, err);

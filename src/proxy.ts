@@ -44,6 +44,11 @@ export interface ProxyOptions {
    * only after ~40 ms. The bytes are the same either way; false restores Nagle.
    */
   readonly noDelay?: boolean;
+  /**
+   * --idle-timeout=: end what has carried no data for this long (microseconds); null:
+   * never; undefined: not given (datagram flows then end after 60 s, as UDP has no close).
+   */
+  readonly idleTimeoutUsec?: bigint | null;
   readonly logger: Logger;
   /** Called when the idle timer expires (the CLI exits 0). */
   readonly onIdle?: () => void;
@@ -70,6 +75,12 @@ export interface Proxy extends ConnectionOwner {
   readonly options: ProxyOptions;
   readonly servers: Server[];
   readonly connections: Set<Connection>;
+  /** Open datagram flows (datagram.ts): they count toward connectionsMax and keep the proxy from idling. */
+  flows: number;
+  /** Closes the datagram sockets and their flows; set by datagram.ts once it serves one. */
+  closeDatagrams: ((this: Proxy) => void) | null;
+  /** Stops reading the datagram sockets (a drain: new datagrams wait in the kernel for the next start). */
+  stopDatagrams: ((this: Proxy) => void) | null;
   idleTimer: NodeJS.Timeout | null;
   /** When the idle period ends, in ms of performance.now(), for timers longer than setTimeout allows. */
   idleDeadline: number;
@@ -110,6 +121,9 @@ export function createProxy(options: ProxyOptions): Proxy {
     stats: createStats(),
     servers: [],
     connections: new Set(),
+    flows: 0,
+    closeDatagrams: null,
+    stopDatagrams: null,
     idleTimer: null,
     idleDeadline: 0,
     closed: false,
@@ -215,7 +229,7 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
   }
   const logger = proxy.options.logger;
   if (logger.maxLevel >= LOG_DEBUG) logger.log(LOG_DEBUG, `New connection from ${peerName(handle)}`);
-  if (proxy.connections.size >= proxy.options.connectionsMax) {
+  if (proxy.connections.size + proxy.flows >= proxy.options.connectionsMax) {
     // Accept-then-close, as the reference: the client sees EOF (or RST if it already sent data).
     handle.close();
     proxy.stats.refused++;
@@ -273,13 +287,13 @@ function releaseConnection(this: Proxy, conn: Connection): void {
 }
 
 /**
- * (Re)start the idle timer: from start-up and whenever the last connection closes.
- * An accepted connection stops it. Spans beyond setTimeout's limit are waited for
+ * (Re)start the idle timer: from start-up and whenever the last connection or flow
+ * closes. An accepted connection or a new flow stops it. Spans beyond setTimeout's limit are waited for
  * in steps.
  */
 export function armIdleTimer(proxy: Proxy): void {
   const usec = proxy.options.exitIdleTimeUsec;
-  if (usec === null || proxy.closed || proxy.connections.size > 0) return;
+  if (usec === null || proxy.closed || proxy.connections.size > 0 || proxy.flows > 0) return;
   if (proxy.idleTimer !== null) clearTimeout(proxy.idleTimer);
   const ms = Number((usec + 999n) / 1000n);
   proxy.idleDeadline = performance.now() + ms;
@@ -288,7 +302,7 @@ export function armIdleTimer(proxy: Proxy): void {
 
 function onIdleTimer(proxy: Proxy): void {
   proxy.idleTimer = null;
-  if (proxy.connections.size > 0 || proxy.closed) return;
+  if (proxy.connections.size > 0 || proxy.flows > 0 || proxy.closed) return;
   const left = proxy.idleDeadline - performance.now();
   if (left > 1) {
     proxy.idleTimer = setTimeout(onIdleTimer, Math.min(Math.ceil(left), MAX_TIMER_MS), proxy);
@@ -308,6 +322,7 @@ function stopAccepting(proxy: Proxy): void {
   if (proxy.idleTimer !== null) clearTimeout(proxy.idleTimer);
   proxy.idleTimer = null;
   for (const server of proxy.servers) server.close();
+  proxy.stopDatagrams?.();
 }
 
 /**
@@ -329,4 +344,5 @@ export function closeProxy(proxy: Proxy): void {
   stopAccepting(proxy);
   proxy.onDrained = null;
   for (const conn of proxy.connections) destroyConnection(conn);
+  proxy.closeDatagrams?.();
 }

@@ -11,7 +11,7 @@
  * net's `onread` option), write a buffer, shut down, close.
  *
  * Stability: these are the bindings lib/net.js itself uses (tcp_wrap, pipe_wrap,
- * stream_wrap), reachable through `process.binding`, which Node keeps for exactly
+ * stream_wrap, and udp_wrap under dgram), reachable through `process.binding`, which Node keeps for exactly
  * these modules (an allow-list; deprecated in documentation only, DEP0111). Their
  * shape has not changed since Node 12. `engines` pins the majors we test on, and
  * loadBindings() checks every member we call at start-up, so a Node that changed
@@ -65,7 +65,54 @@ export interface ConnectReq {
   oncomplete: (this: ConnectReq, status: number, handle: StreamHandle) => void;
 }
 
+/**
+ * A UDP socket: Node's UDPWrap (the handle under dgram.Socket). Unlike dgram, it
+ * takes the family per call (send vs send6), which is what lets us adopt an
+ * inherited socket of either family, and it sends a buffer we hand it without a
+ * DNS step or a request object per datagram.
+ */
+export interface UdpHandle {
+  /**
+   * Called with `this` the handle for every datagram: the buffer (exactly nread bytes,
+   * freshly allocated by Node, ours to keep) and the sender; nread < 0 is an error
+   * (ECONNREFUSED after an ICMP port unreachable on a connected socket) and no buffer.
+   */
+  onmessage: (this: UdpHandle, nread: number, handle: UdpHandle, buf?: Buffer, rinfo?: UdpPeer) => void;
+  open(fd: number): number;
+  bind(address: string, port: number, flags: number): number;
+  bind6(address: string, port: number, flags: number): number;
+  /** Synchronous: connect(2) on a datagram socket only sets the peer. */
+  connect(address: string, port: number): number;
+  connect6(address: string, port: number): number;
+  /**
+   * send(req, [buf], 1, hasCallback) on a connected socket, send(req, [buf], 1, port,
+   * address, hasCallback) otherwise. Returns length + 1 when the kernel took it at
+   * once, 0 when it is queued (req.oncomplete runs later), or a negative errno.
+   */
+  send(req: SendReq, list: Uint8Array[], count: number, hasCallback: boolean): number;
+  send(req: SendReq, list: Uint8Array[], count: number, port: number, address: string, hasCallback: boolean): number;
+  send6(req: SendReq, list: Uint8Array[], count: number, port: number, address: string, hasCallback: boolean): number;
+  recvStart(): number;
+  recvStop(): number;
+  getsockname(out: Record<string, unknown>): number;
+  close(callback?: () => void): void;
+}
+
+export interface UdpPeer {
+  address: string;
+  family: string;
+  port: number;
+}
+
+/** A queued datagram send: the buffer must stay alive until oncomplete (C++ holds a pointer). */
+export interface SendReq {
+  oncomplete: (this: SendReq, status: number, sent: number) => void;
+  buffer: Uint8Array | null;
+}
+
 export interface Bindings {
+  readonly UDP: new () => UdpHandle;
+  readonly SendWrap: new () => SendReq;
   readonly TCP: new (type: number) => TcpHandle;
   readonly Pipe: new (type: number) => PipeHandle;
   readonly TCPConnectWrap: new () => ConnectReq;
@@ -151,7 +198,14 @@ function loadBindings(): Bindings {
   }
   member(TCP.prototype as Binding, 'connect6', 'function');
   member(TCP.prototype as Binding, 'setNoDelay', 'function');
+  const udp = binding('udp_wrap');
+  const UDP = member<Bindings['UDP']>(udp, 'UDP', 'function');
+  for (const name of ['open', 'bind', 'bind6', 'connect', 'connect6', 'send', 'send6', 'recvStart', 'recvStop', 'getsockname', 'close']) {
+    member(UDP.prototype as Binding, name, 'function');
+  }
   return {
+    UDP,
+    SendWrap: member(udp, 'SendWrap', 'function'),
     TCP,
     Pipe,
     TCPConnectWrap: member(tcp, 'TCPConnectWrap', 'function'),
