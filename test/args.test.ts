@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 
-import { helpText, parseArgv, type Parsed } from '../src/args.ts';
+import { helpText, parseArgv, type Options, type Parsed } from '../src/args.ts';
 import { EINVAL, ERANGE, ProxyError } from '../src/errors.ts';
 
 const REF = '/lib/systemd/systemd-socket-proxyd';
@@ -32,6 +32,7 @@ type Want =
       drain: bigint | null;
       metrics: string | null;
       noDelay: boolean;
+      extra: Partial<Options>;
     }
   | { kind: 'error'; message: string; errno: number };
 
@@ -51,6 +52,7 @@ const VERSION: Want = { kind: 'version' };
 function ok(
   target: string,
   v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2'; drain?: bigint | null; metrics?: string; noDelay?: boolean } = {},
+  extra: Partial<Options> = {},
 ): Want {
   return {
     kind: 'run',
@@ -62,6 +64,7 @@ function ok(
     drain: v.drain === undefined ? 0n : v.drain,
     metrics: v.metrics ?? null,
     noDelay: v.noDelay ?? true,
+    extra,
   };
 }
 function badNoDelay(arg: string): Want {
@@ -137,9 +140,9 @@ const TABLE: Row[] = [
     argv: ['--=5', 'x'],
     want: glibc(
       "option '--=5' is ambiguous; possibilities:" +
-        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay'",
+        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout'",
     ),
-    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay'",
+    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout'",
   },
 
   // GNU permutation and strict left-to-right: the first decisive option wins.
@@ -207,7 +210,24 @@ const TABLE: Row[] = [
     oursOnly: true,
     want: ok('x', { listen: ['/run/a.sock', '@abs'] }),
   },
-  { argv: ['--lis=[::1]:80', '-c3', 'x'], oursOnly: true, want: ok('x', { c: 3, listen: ['[::1]:80'] }) },
+  { argv: ['--listen-d=[::1]:80', '-c3', 'x'], oursOnly: true, want: ok('x', { c: 3 }, { listenDatagram: ['[::1]:80'] }) },
+  // "--listen" is an exact name, but "--lis" prefixes --listen-datagram too: ambiguous, as glibc says.
+  { argv: ['--lis=[::1]:80', 'x'], oursOnly: true, want: glibc("option '--lis=[::1]:80' is ambiguous; possibilities: '--listen' '--listen-datagram'") },
+
+  // --listen-datagram (ours): repeatable, raw, in order, next to --listen.
+  {
+    argv: ['--listen-datagram', '127.0.0.1:53', '--listen=/a', 'x', '--listen-datagram=[::]:53'],
+    oursOnly: true,
+    want: ok('x', { listen: ['/a'] }, { listenDatagram: ['127.0.0.1:53', '[::]:53'] }),
+  },
+  { argv: ['--listen-datagram'], oursOnly: true, want: glibc("option '--listen-datagram' requires an argument") },
+
+  // --idle-timeout (ours): a span; infinity is null; absent when not given (flows default to 60 s).
+  { argv: ['--idle-timeout=90s', 'x'], oursOnly: true, want: ok('x', {}, { idleTimeoutUsec: 90_000_000n }) },
+  { argv: ['--idle', '250ms', 'x'], oursOnly: true, want: ok('x', {}, { idleTimeoutUsec: 250_000n }) },
+  { argv: ['--idle-timeout=infinity', 'x'], oursOnly: true, want: ok('x', {}, { idleTimeoutUsec: null }) },
+  { argv: ['--idle-timeout=soon', 'x'], oursOnly: true, want: fail('Failed to parse --idle-timeout= argument: soon') },
+  { argv: ['--idle-timeout=-1', 'x'], oursOnly: true, want: fail('Failed to parse --idle-timeout= argument: -1', ERANGE) },
   { argv: ['--listen=', 'x'], oursOnly: true, want: ok('x', { listen: [''] }) },
   { argv: ['x', '--listen', '-h'], oursOnly: true, want: ok('x', { listen: ['-h'] }) },
   { argv: ['--listen'], oursOnly: true, want: glibc("option '--listen' requires an argument") },
@@ -405,6 +425,7 @@ for (const row of TABLE) {
             metrics: want.metrics,
             noDelay: want.noDelay,
             target: want.target,
+            ...want.extra,
           },
         });
       } else {
@@ -488,6 +509,12 @@ Bidirectionally proxy local sockets to another (possibly remote) socket.
                           it on loopback or a UNIX socket
      --nodelay=BOOL       Set TCP_NODELAY on the TCP sockets of each connection,
                           so small writes are not delayed (default: yes)
+     --listen-datagram=ADDRESS
+                          Also receive UDP datagrams on ADDRESS (PORT,
+                          HOST:PORT or [IPv6]:PORT) and forward them, one flow
+                          per client; may be repeated
+     --idle-timeout=SPAN  End a UDP flow after this long without a datagram
+                          either way (default: 60s)
   -h --help               Show this help
      --version            Show package version
 

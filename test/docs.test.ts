@@ -70,8 +70,14 @@ const EXPECTED_FILES: Record<string, string[]> = {
 // ---------------------------------------------------------------------------------------------
 // examples/
 
+/** Examples that are not about nginx, each with its own tests below. */
+const OTHER_EXAMPLES: Record<string, string[]> = {
+  'dns-udp': ['dnsmasq.d/port-5353.conf', 'proxy-to-dns.service', 'proxy-to-dns.socket'],
+};
+
 test('examples/: the man page\'s two examples plus the idle-exit one, all Type=notify', () => {
-  assert.deepEqual(readdirSync(EXAMPLES).sort(), Object.keys(EXPECTED_FILES).sort());
+  assert.deepEqual(readdirSync(EXAMPLES).sort(), [...Object.keys(EXPECTED_FILES), ...Object.keys(OTHER_EXAMPLES)].sort());
+  for (const [dir, files] of Object.entries(OTHER_EXAMPLES)) assert.deepEqual(filesUnder(join(EXAMPLES, dir)), files, dir);
   for (const [dir, files] of Object.entries(EXPECTED_FILES)) {
     assert.deepEqual(filesUnder(join(EXAMPLES, dir)), files, dir);
     const service = directives(join(EXAMPLES, dir, 'proxy-to-nginx.service'));
@@ -269,6 +275,62 @@ test('examples/: each ExecStart= command line is accepted by socket-proxyd and s
   }
 });
 
+test('examples/dns-udp: ListenDatagram= + ListenStream= verified by systemd-analyze; its command line serves both', async () => {
+  const dir = join(EXAMPLES, 'dns-udp');
+  assert.deepEqual(directives(join(dir, 'proxy-to-dns.socket')), ['[Socket]', 'ListenDatagram=53', 'ListenStream=53', '[Install]', 'WantedBy=sockets.target']);
+  const service = directives(join(dir, 'proxy-to-dns.service'));
+  for (const want of ['Type=notify', 'Requires=dnsmasq.service', 'Requires=proxy-to-dns.socket']) assert.ok(service.includes(want), want);
+  const argv = execStart(join(dir, 'proxy-to-dns.service'));
+  assert.equal(argv[0], INSTALLED);
+
+  // verify, on a copy with ExecStart= pointed at an executable and a stand-in dnsmasq.service.
+  const where = join(tmp.dir, 'verify-dns-udp');
+  cpSync(dir, where, { recursive: true });
+  stage('nginx-unix', 'verify-dns-udp-bin'); // makes the wrapper binary
+  const bin = join(tmp.dir, 'bin', 'socket-proxyd');
+  writeFileSync(join(where, 'dnsmasq.service'), '[Unit]\nDescription=stand-in for verification\n\n[Service]\nExecStart=/bin/true\n');
+  const unit = join(where, 'proxy-to-dns.service');
+  writeFileSync(unit, readFileSync(unit, 'utf8').replaceAll(`ExecStart=${INSTALLED} `, `ExecStart=${bin} `));
+  const r = verify([join(where, 'proxy-to-dns.socket'), unit]);
+  assert.equal(r.stderr, '', 'systemd-analyze verify says nothing');
+  assert.equal(r.status, 0);
+  // Control: a typo in the socket unit is reported.
+  writeFileSync(join(where, 'proxy-to-dns.socket'), readFileSync(join(where, 'proxy-to-dns.socket'), 'utf8').replace(/^ListenDatagram=/m, 'ListenDatagrams='));
+  assert.match(verify([join(where, 'proxy-to-dns.socket'), unit]).stderr, /Unknown key 'ListenDatagrams'/);
+
+  // The same options serve a UDP and a TCP socket passed in (fds 3 and 4), to test backends.
+  const { createSocket } = await import('node:dgram');
+  const udpEcho = createSocket('udp4');
+  const tcpBackend = await startBackend(echo);
+  await new Promise<void>((res, rej) => {
+    udpEcho.once('error', rej);
+    udpEcho.bind(tcpBackend.port, '127.0.0.1', () => res());
+  }).catch(() => assert.fail('UDP port of the TCP backend is taken; rerun'));
+  udpEcho.on('message', (m, ri) => udpEcho.send(m, ri.port, ri.address));
+  const listenUdp = createSocket('udp4');
+  await new Promise<void>((res) => listenUdp.bind(0, '127.0.0.1', () => res()));
+  const key = Object.getOwnPropertySymbols(listenUdp).find((k) => k.description === 'state symbol') as symbol;
+  const udpFd = (listenUdp as unknown as Record<symbol, { handle: { fd: number } }>)[key]!.handle.fd;
+  const args = argv.slice(1).map((a) => (a === '127.0.0.1:5353' ? tcpBackend.address : a));
+  const p = await startProxy({ args, listen: [{ kind: 'tcp' }], fds: [udpFd] });
+  const udpPort = listenUdp.address().port;
+  listenUdp.close();
+  const client = createSocket('udp4');
+  try {
+    const got = new Promise<Buffer>((res) => client.once('message', (m) => res(m)));
+    client.send('dns-ish', udpPort, '127.0.0.1');
+    assert.equal((await got).toString(), 'dns-ish');
+    const t = await roundTrip(p.listeners[0]!.connectOptions, Buffer.from('over tcp'), 5000);
+    assert.equal(t.data.toString(), 'over tcp');
+    assert.equal(p.stderr(), '');
+  } finally {
+    client.close();
+    udpEcho.close();
+    await tcpBackend.close();
+    await p.stop();
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // man/socket-proxyd.8
 
@@ -314,7 +376,9 @@ test('man page: documents exactly the options of --help, with the same synopsis 
     '--drain-timeout',
     '--exit-idle-time',
     '--help',
+    '--idle-timeout',
     '--listen',
+    '--listen-datagram',
     '--metrics',
     '--nodelay',
     '--proxy-protocol',
@@ -365,6 +429,9 @@ test('man page: sections, environment, exit status, examples and differences fro
     }
   }
   for (const line of directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf'))) assert.ok(shown.has(line), line);
+  for (const file of ['proxy-to-dns.service', 'proxy-to-dns.socket']) {
+    for (const line of directives(join(EXAMPLES, 'dns-udp', file))) assert.ok(shown.has(line), `EXAMPLES shows dns-udp/${file}: ${line}`);
+  }
   assert.ok(shown.has('JoinsNamespaceOf=nginx.service'));
 
   // The right Node.js: both ways, shown in EXAMPLES.
@@ -416,6 +483,8 @@ test('README agrees: the options of --help, and it points to the man page and ex
     const alt = nodeAlternatives(service);
     return [`ExecStart=${execStart(service).join(' ')}`, alt.path, alt.execStart];
   });
+  const dns = join(EXAMPLES, 'dns-udp', 'proxy-to-dns.service');
+  ours.push(`ExecStart=${execStart(dns).join(' ')}`);
   for (const line of shown) assert.ok(ours.includes(line), `README's ${line} is one of examples/`);
   // The right Node under systemd: both ways are shown, in the systemd section.
   const systemd = readme.slice(readme.indexOf('## With systemd'), readme.indexOf('\n## ', readme.indexOf('## With systemd') + 1));

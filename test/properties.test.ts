@@ -449,7 +449,8 @@ test('CLI: a non-socket, or the wrong kind of socket, at fd 3: exit 1, one line'
       assert.equal(r.stderr, 'Passed in socket is not a stream socket.\n', what);
     }
     await Promise.all(
-      ['pipe', 'udp', 'unix-dgram', 'unix-seqpacket', 'connected-tcp'].map(async (kind) => {
+      // ('udp' is served since issue 14: test/datagram.test.ts.)
+      ['pipe', 'unix-dgram', 'unix-seqpacket', 'connected-tcp'].map(async (kind) => {
         const child = spawn('python3', ['-c', SOCKET_AT_FD3, kind, process.execPath, process.execPath, OURS, '127.0.0.1:9'], {
           env: { PATH: process.env.PATH ?? '/usr/bin:/bin' },
           stdio: ['ignore', 'pipe', 'pipe'],
