@@ -20,9 +20,9 @@ function alive(s: Spawned): () => boolean {
   return () => s.child.exitCode === null && s.child.signalCode === null;
 }
 
-/** Node echo server, on TCP (port 0) or on a UNIX socket. */
-export async function startEcho(unixPath = ''): Promise<Backend> {
-  const s = start(process.execPath, [TOOLS, 'echo', ...(unixPath ? ['--unix', unixPath] : [])], {
+/** Node echo server, on TCP (port 0) or on a UNIX socket; `split`: each echo in two writes. */
+export async function startEcho(unixPath = '', split = false): Promise<Backend> {
+  const s = start(process.execPath, [TOOLS, 'echo', ...(unixPath ? ['--unix', unixPath] : []), ...(split ? ['--split'] : [])], {
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   const deadline = Date.now() + 5000;
@@ -115,4 +115,67 @@ export async function startIperf(): Promise<Backend & { restart: () => Promise<v
       await launch();
     },
   };
+}
+
+/** The small file nginx serves in the split-reply benchmark: 38 bytes, as in issue 9's report. */
+export const STATIC_FILE = '/static.txt';
+const STATIC_BODY = 'a small static file served by nginx.\n\n';
+
+/**
+ * nginx serving a small static file with `sendfile on`, so every response is two writes:
+ * the headers (writev), then the body (sendfile). `port` speaks HTTP/1.1, `h2Port` HTTP/2
+ * over cleartext with prior knowledge (h2c, what `h2load http://...` speaks). nginx sets
+ * TCP_NODELAY on its own keep-alive sockets (`tcp_nodelay on`, the default), so the two
+ * writes leave it as two segments: what a proxy does with them is what is measured.
+ */
+export async function startNginxStatic(dir: string): Promise<Backend & { h2Port: number }> {
+  const nginx = which('nginx');
+  if (nginx === null) throw new Error('nginx not installed: run bench/setup.sh');
+  const port = await freePort();
+  let h2Port = await freePort();
+  while (h2Port === port) h2Port = await freePort();
+  const root = path.join(dir, 'nginx-static-www');
+  const tmp = path.join(dir, 'nginx-static-tmp');
+  mkdirSync(root, { recursive: true });
+  mkdirSync(tmp, { recursive: true });
+  writeFileSync(path.join(root, STATIC_FILE.slice(1)), STATIC_BODY);
+  const cfg = path.join(dir, 'nginx-static.conf');
+  writeFileSync(
+    cfg,
+    [
+      'daemon off;',
+      'master_process off;',
+      'worker_processes 1;',
+      'worker_rlimit_nofile 20000;',
+      `pid ${dir}/nginx-static.pid;`,
+      `error_log ${dir}/nginx-static.log warn;`,
+      'events { worker_connections 16000; }',
+      'http {',
+      '  access_log off;',
+      '  sendfile on;', // headers by writev, body by sendfile: two writes per response
+      '  tcp_nopush off;', // (the default) no TCP_CORK that would merge them again
+      '  tcp_nodelay on;', // (the default)
+      '  keepalive_requests 100000000;',
+      '  keepalive_timeout 600s;',
+      `  client_body_temp_path ${tmp}/body;`,
+      `  proxy_temp_path ${tmp}/proxy;`,
+      `  fastcgi_temp_path ${tmp}/fastcgi;`,
+      `  uwsgi_temp_path ${tmp}/uwsgi;`,
+      `  scgi_temp_path ${tmp}/scgi;`,
+      '  server {',
+      `    listen 127.0.0.1:${port} backlog=4096;`,
+      `    listen 127.0.0.1:${h2Port} http2 backlog=4096;`,
+      `    root ${root};`,
+      '    default_type text/plain;',
+      '  }',
+      '}',
+      '',
+    ].join('\n'),
+  );
+  const s = start(nginx, ['-p', dir, '-e', `${dir}/nginx-static.log`, '-c', cfg]);
+  if (!(await waitTcpListening(port)) || !(await waitTcpListening(h2Port))) {
+    await s.stop(100);
+    throw new Error(`nginx did not start: ${s.stderr()}`);
+  }
+  return { port, h2Port, unixPath: '', alive: alive(s), log: () => s.stderr(), stop: () => s.stop(1000) };
 }

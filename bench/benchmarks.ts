@@ -2,12 +2,14 @@
 // Proxies are measured round-robin inside each run (ours, ref, others, ours, ref, ...), so that drift
 // in the machine's state over the run affects all of them alike.
 import net from 'node:net';
+import { readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ACTIVATE_SCRIPT, foreignLoad, runBounded, start, listenLoopback, which } from './procs.ts';
 import type { Usage } from './procs.ts';
 import { PROXIES, OURS_CLI, REF_BIN } from './proxies.ts';
 import type { ProxyName, RunningProxy, Target } from './proxies.ts';
-import { startEcho, startIperf, startNginxHttp, TOOLS } from './backends.ts';
+import { startEcho, startIperf, startNginxHttp, startNginxStatic, STATIC_FILE, TOOLS } from './backends.ts';
 import { newRow, push } from './report.ts';
 import type { Section, TargetSpec } from './report.ts';
 
@@ -39,6 +41,7 @@ const SHORT: Record<string, string> = {
   idle: '4. idle connections',
   pingpong: '5. ping-pong',
   coldstart: '6. cold start',
+  split: '7. split replies',
 };
 
 function section(id: string, title: string, cfg: Config, notes: string[]): Section {
@@ -86,7 +89,7 @@ function delta(a: Usage, b: Usage): { cpu: number; minflt: number } {
  * keeps a full run within its time budget (they are context, not targets).
  */
 function measuredIn(run: number, name: ProxyName): boolean {
-  return run === 0 || name === 'ours' || name === 'ref';
+  return run === 0 || name === 'ours' || name === 'ref' || name === 'ours-nagle';
 }
 
 const NOISY_CORES = 0.25;
@@ -219,6 +222,7 @@ interface WrkResult {
   requests: number;
   p50ms: number;
   p99ms: number;
+  maxms: number;
   errors: number;
   non2xx: number;
 }
@@ -233,6 +237,8 @@ function parseWrk(out: string): WrkResult | null {
   const req = /(\d+) requests in/.exec(out);
   const p50 = /^\s+50%\s+([\d.]+)(us|ms|s|m)\s*$/m.exec(out);
   const p99 = /^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$/m.exec(out);
+  // "Latency   avg stdev max +/-stdev"
+  const max = /^\s+Latency\s+[\d.]+(?:us|ms|s|m)\s+[\d.]+(?:us|ms|s|m)\s+([\d.]+)(us|ms|s|m)\s/m.exec(out);
   if (!rps || !req) return null;
   const se = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out);
   const errors = se ? Number(se[1]) + Number(se[2]) + Number(se[3]) + Number(se[4]) : 0;
@@ -242,15 +248,16 @@ function parseWrk(out: string): WrkResult | null {
     requests: Number(req[1]),
     p50ms: p50 ? wrkTime(p50[1] as string, p50[2] as string) : NaN,
     p99ms: p99 ? wrkTime(p99[1] as string, p99[2] as string) : NaN,
+    maxms: max ? wrkTime(max[1] as string, max[2] as string) : NaN,
     errors,
     non2xx: non ? Number(non[1]) : 0,
   };
 }
 
-async function wrk(port: number, threads: number, conns: number, seconds: number, extra: string[] = []): Promise<WrkResult | string> {
+async function wrk(port: number, threads: number, conns: number, seconds: number, extra: string[] = [], urlPath = '/'): Promise<WrkResult | string> {
   const r = await runBounded(
     'wrk',
-    ['-t', String(threads), '-c', String(conns), '-d', `${seconds}s`, '--timeout', '2s', '--latency', ...extra, `http://127.0.0.1:${port}/`],
+    ['-t', String(threads), '-c', String(conns), '-d', `${seconds}s`, '--timeout', '2s', '--latency', ...extra, `http://127.0.0.1:${port}${urlPath}`],
     (seconds + 10) * 1000,
   );
   if (r.timedOut) return 'wrk timed out';
@@ -564,3 +571,207 @@ export async function benchColdstart(cfg: Config): Promise<Section> {
   return sec;
 }
 
+
+// ---------------------------------------------------------------- 7. split replies (Nagle)
+
+/** One measurement of a request/response load: rate, latency (ms) and failures. */
+interface Lat {
+  rps: number;
+  /** requests (or round trips) completed */
+  count: number;
+  p50ms: number;
+  p99ms: number;
+  maxms: number;
+  errors: number;
+  /** set when the load stopped early (a deadline), with what it got */
+  partial?: string;
+}
+
+function sortedPct(sorted: readonly number[], p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))] as number;
+}
+
+/**
+ * h2load over h2c with prior knowledge (an http:// URL), timed (-D). Latency percentiles come
+ * from its per-request log (microseconds until the end of each response); h2load itself prints
+ * only min/max/mean.
+ */
+async function h2load(port: number, conns: number, streams: number, seconds: number, logFile: string): Promise<Lat | string> {
+  rmSync(logFile, { force: true });
+  const r = await runBounded(
+    'h2load',
+    ['-c', String(conns), '-m', String(streams), '-D', String(seconds), '-N', '2', '--log-file', logFile, `http://127.0.0.1:${port}${STATIC_FILE}`],
+    (seconds + 10) * 1000,
+  );
+  if (r.timedOut) return 'h2load timed out';
+  const fin = /finished in [\d.]+m?s, ([\d.]+) req\/s/.exec(r.stdout);
+  const req = /requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout/.exec(r.stdout);
+  const codes = /status codes: (\d+) 2xx/.exec(r.stdout);
+  if (!fin || !req) return `h2load: ${(r.stdout + r.stderr).slice(0, 200)}`;
+  let times: number[] = [];
+  try {
+    times = readFileSync(logFile, 'utf8')
+      .split('\n')
+      .filter((l) => l !== '')
+      .map((l) => Number(l.split('\t')[2]) / 1000)
+      .filter((x) => Number.isFinite(x))
+      .sort((a, b) => a - b);
+  } catch {
+    return 'h2load wrote no log';
+  }
+  const succeeded = Number(req[4]);
+  return {
+    rps: Number(fin[1]),
+    count: succeeded,
+    p50ms: sortedPct(times, 50),
+    p99ms: sortedPct(times, 99),
+    maxms: sortedPct(times, 100),
+    // failed + errored + timeout, and succeeded responses that were not 2xx
+    errors: Number(req[5]) + Number(req[6]) + Number(req[7]) + (codes ? Math.max(0, succeeded - Number(codes[1])) : 0),
+  };
+}
+
+async function wrkLat(port: number, conns: number, seconds: number): Promise<Lat | string> {
+  const r = await wrk(port, HTTP_THREADS, conns, seconds, [], STATIC_FILE);
+  if (typeof r === 'string') return r;
+  return { rps: r.rps, count: r.requests, p50ms: r.p50ms, p99ms: r.p99ms, maxms: r.maxms, errors: r.errors + r.non2xx };
+}
+
+/**
+ * The ping-pong tool against the split echo backend. A proxy that stalls needs ~40 ms per round
+ * trip, so the run is bounded by a deadline instead of the count, and what it got is kept.
+ */
+async function splitPing(port: number, count: number, warmup: number, deadlineMs: number): Promise<Lat | string> {
+  const r = await runBounded(
+    process.execPath,
+    [TOOLS, 'pingpong', '--port', String(port), '--count', String(count), '--warmup', String(warmup), '--deadline-ms', String(deadlineMs)],
+    deadlineMs + 5000,
+  );
+  try {
+    const j = JSON.parse(r.stdout.trim().split('\n').pop() ?? '') as { ok: boolean; error: string | null; count: number; p50us: number; p99us: number; maxus: number; meanus: number };
+    if (!j.ok && j.error !== 'deadline') return `pingpong: ${j.error}`;
+    if (j.count < 10) return `pingpong: only ${j.count} round trips before the deadline`;
+    return {
+      rps: 1e6 / j.meanus,
+      count: j.count,
+      p50ms: j.p50us / 1000,
+      p99ms: j.p99us / 1000,
+      maxms: j.maxus / 1000,
+      errors: 0,
+      ...(j.ok ? {} : { partial: `(${j.count} of ${count} in ${deadlineMs / 1000} s)` }),
+    };
+  } catch {
+    return `pingpong: ${(r.stdout + r.stderr).slice(0, 60)}`;
+  }
+}
+
+const SPLIT_MAX_MS = 20;
+const SPLIT_PING_DEADLINE_MS = 5000;
+
+interface SplitCase {
+  label: string;
+  /** what a unit of work is called in the rows */
+  unit: 'request' | 'round trip';
+  target: Target;
+  load: (port: number) => Promise<Lat | string>;
+  warmup: (port: number) => Promise<unknown>;
+}
+
+/** One case: every proxy in front of the same backend, measured round-robin; adds its rows. */
+async function splitCase(cfg: Config, sec: Section, c: SplitCase): Promise<void> {
+  const http = c.unit === 'request';
+  const main = http
+    ? newRow(`${c.label}: requests/s`, 0, { target: atLeastRatio(1.0) })
+    : newRow(`${c.label}: round trips/s`, 0);
+  const p50 = newRow(`${c.label}: latency p50 ms`, 3);
+  const p99 = newRow(`${c.label}: latency p99 ms`, 3, {
+    target: { text: '<= 2x direct', check: (o, d) => o <= 2 * d, needsRef: true, against: 'direct' },
+  });
+  const max = newRow(`${c.label}: latency max ms`, 2, {
+    target: { text: `<= ${SPLIT_MAX_MS} ms`, check: (o) => o <= SPLIT_MAX_MS, needsRef: false },
+  });
+  const cpu = newRow(`${c.label}: proxy CPU µs/${c.unit}`, 1);
+  const errs = newRow(`${c.label}: errors`, 0, { ratio: false });
+  const running = await startAll(cfg, c.target, sec);
+  try {
+    for (const [, p] of running) await c.warmup(p.port);
+    for (let run = 0; run < cfg.runs; run++) {
+      for (const [name, p] of [...running]) {
+        if (!measuredIn(run, name)) continue;
+        const { r, d } = await quiet(cfg, `split ${name}`, async () => {
+          const u0 = p.usage();
+          const r = await c.load(p.port);
+          return { r, d: delta(u0, p.usage()) };
+        });
+        if (typeof r === 'string') {
+          main.notes[name] = `(error: ${r.slice(0, 60)})`;
+        } else {
+          push(main, name, r.rps);
+          push(p50, name, r.p50ms);
+          push(p99, name, r.p99ms);
+          push(max, name, r.maxms);
+          push(errs, name, r.errors);
+          if (name !== 'direct') push(cpu, name, (d.cpu / Math.max(1, r.count)) * 1e6);
+          if (r.partial !== undefined) main.notes[name] = r.partial;
+        }
+        checkAlive(running, name, sec);
+      }
+      cfg.log(`split run ${run + 1}/${cfg.runs}: ${c.label} done`);
+    }
+  } finally {
+    await stopAll(running);
+  }
+  sec.rows.push(main, p50, p99, max, cpu, errs);
+}
+
+export async function benchSplit(cfg: Config): Promise<Section> {
+  const sec = section('split', '7. Replies written in two pieces (Nagle + delayed ACK): nginx static file, HTTP/2, split ping-pong', cfg, [
+    `Every response leaves the backend as two writes: nginx (1 worker, \`sendfile on\`, \`tcp_nodelay on\`) serves a 38-byte static file, headers by writev and the body by sendfile; over HTTP/2 (h2c, prior knowledge) its HEADERS and DATA frames; the split echo backend (bench/tools.ts echo --split) writes each 64-byte echo as 32 + 32 bytes, the second a loop turn later. A proxy without TCP_NODELAY holds the second piece until the client ACKs the first, which a client with delayed ACKs does after ~40 ms.`,
+    `Static file: wrk -t${HTTP_THREADS} -c${HTTP_CONNS} -d${cfg.httpSec}s --latency (keep-alive). HTTP/2: h2load -c1 -m10 and -c10 -m10 -D ${cfg.httpSec}, latency percentiles from its --log-file. Split ping-pong: one connection, TCP_NODELAY on the client, ${cfg.pingCount} round trips after 20 warm-up ones, within a ${SPLIT_PING_DEADLINE_MS / 1000} s deadline (a stalling proxy gets through far fewer: the count is noted). Each proxy is warmed up first (1 s of the load).`,
+    `Targets (issue 9): p99 within 2x of direct, no request over ${SPLIT_MAX_MS} ms (the max of wrk and of h2load's log, the ping-pong's slowest round trip), requests/s >= ref. "ours-nagle" (when present) is ours with --nodelay=no.`,
+  ]);
+  if (!which('wrk') || !which('nginx') || !which('h2load')) {
+    sec.notes.push('wrk, nginx or h2load not installed: run bench/setup.sh');
+    return sec;
+  }
+  const ng = await startNginxStatic(cfg.dir);
+  const logFile = path.join(cfg.dir, 'h2load.log');
+  const sec1 = cfg.httpSec;
+  try {
+    await splitCase(cfg, sec, {
+      label: 'static file, HTTP/1.1 keep-alive (wrk -c32)',
+      unit: 'request',
+      target: { kind: 'tcp', port: ng.port },
+      load: (port) => wrkLat(port, HTTP_CONNS, sec1),
+      warmup: (port) => wrkLat(port, HTTP_CONNS, 1),
+    });
+    for (const [conns, streams] of [
+      [1, 10],
+      [10, 10],
+    ] as const) {
+      await splitCase(cfg, sec, {
+        label: `static file, HTTP/2 h2c (h2load -c${conns} -m${streams})`,
+        unit: 'request',
+        target: { kind: 'tcp', port: ng.h2Port },
+        load: (port) => h2load(port, conns, streams, sec1, logFile),
+        warmup: (port) => h2load(port, conns, streams, 1, logFile),
+      });
+    }
+  } finally {
+    await ng.stop();
+  }
+  const echo = await startEcho('', true);
+  try {
+    await splitCase(cfg, sec, {
+      label: 'split ping-pong (64 B, echoed as 32 + 32)',
+      unit: 'round trip',
+      target: { kind: 'tcp', port: echo.port },
+      load: (port) => splitPing(port, cfg.pingCount, 20, SPLIT_PING_DEADLINE_MS),
+      warmup: (port) => splitPing(port, 200, 0, 2000),
+    });
+  } finally {
+    await echo.stop();
+  }
+  return sec;
+}

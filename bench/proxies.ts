@@ -7,8 +7,14 @@ import { execFileSync } from 'node:child_process';
 import { start, startActivated, sampleUsage, freePort, waitTcpListening, which } from './procs.ts';
 import type { Spawned, Usage } from './procs.ts';
 
-export const PROXY_NAMES = ['ours', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
+export const PROXY_NAMES = ['ours', 'ours-nagle', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
 export type ProxyName = (typeof PROXY_NAMES)[number];
+
+/**
+ * What runs when --proxies is not given. `ours-nagle` (ours with --nodelay=no) is there to
+ * measure what TCP_NODELAY costs and saves, on request only.
+ */
+export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => n !== 'ours-nagle');
 
 export type Target = { kind: 'tcp'; port: number } | { kind: 'unix'; path: string };
 
@@ -81,6 +87,17 @@ const ours: ProxyDef = {
     const p = wrap('ours', s, s.port, false);
     // writing a profile takes a while
     return profileDir === null ? p : { ...p, stop: () => s.stop(10000) };
+  },
+};
+
+/** Ours with TCP_NODELAY off, as the reference runs: what the option costs and what it saves. */
+const oursNagle: ProxyDef = {
+  name: 'ours-nagle',
+  activated: true,
+  unavailable: ours.unavailable,
+  start: async (t, _dir, connMax) => {
+    const s = await startActivated([process.execPath, OURS_CLI, '--nodelay=no', '-c', String(connMax), targetArg(t)]);
+    return wrap('ours-nagle', s, s.port, false);
   },
 };
 
@@ -197,6 +214,7 @@ const direct: ProxyDef = {
 
 export const PROXIES: Record<ProxyName, ProxyDef> = {
   ours,
+  'ours-nagle': oursNagle,
   ref,
   socat,
   haproxy,

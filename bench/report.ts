@@ -6,10 +6,12 @@ import type { ProxyName } from './proxies.ts';
 export interface TargetSpec {
   /** shown in the table, e.g. ">= 1.9x ref" */
   text: string;
-  /** given the medians of ours and ref */
+  /** given the medians of ours and ref (or of `against`) */
   check: (ours: number, ref: number) => boolean;
-  /** the check compares with ref, so it cannot be judged without a result for ref */
+  /** the check compares with ref (or `against`), so it cannot be judged without a result for it */
   needsRef: boolean;
+  /** compare with this proxy's median instead of ref's, e.g. direct */
+  against?: ProxyName;
 }
 
 export interface Row {
@@ -83,9 +85,11 @@ export function evaluate(row: Row): { ratio: string; met: string } {
   const ratio = row.ratio && Number.isFinite(o) && Number.isFinite(r) && r !== 0 ? `${(o / r).toFixed(2)}x` : '–';
   let met = '';
   if (row.target) {
+    const base = row.target.against ?? 'ref';
+    const b = base === 'ref' ? r : median(row.values[base]);
     if (!Number.isFinite(o)) met = 'n/a (no result for ours)';
-    else if (row.target.needsRef && !Number.isFinite(r)) met = 'n/a (no result for ref)';
-    else met = row.target.check(o, r) ? 'yes' : '**NO**';
+    else if (row.target.needsRef && !Number.isFinite(b)) met = `n/a (no result for ${base})`;
+    else met = row.target.check(o, b) ? 'yes' : '**NO**';
   }
   return { ratio, met };
 }

@@ -4,16 +4,17 @@
 //   node bench/run.ts [--quick] [--only NAME[,NAME...]] [--proxies ours,ref,...] [--runs N]
 //                     [--results FILE] [--no-write] [--no-setup] [--profile] [--nice]
 //
-// NAME: bulk, http, newconn, idle, pingpong, coldstart.  Proxies: ours, ref, socat, haproxy,
-// nginx-stream, direct (no proxy: a baseline).  See bench/README.md.
+// NAME: bulk, http, newconn, idle, pingpong, coldstart, split.  Proxies: ours, ref, socat,
+// haproxy, nginx-stream, direct (no proxy: a baseline), and on request ours-nagle (ours with
+// --nodelay=no).  See bench/README.md.
 import { mkdtempSync, rmSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { foreignLoad, installCleanupHandlers, killAll, onCleanup, runBounded, waitQuiet, which } from './procs.ts';
-import { PROXIES, PROXY_NAMES, REPO, refVersion, setProfileDir } from './proxies.ts';
+import { DEFAULT_PROXIES, PROXIES, PROXY_NAMES, REPO, refVersion, setProfileDir } from './proxies.ts';
 import { summarizeProfiles } from './profile.ts';
 import type { ProxyName } from './proxies.ts';
-import { benchBulk, benchColdstart, benchHttp, benchIdle, benchNewconn, benchPingpong, smoke } from './benchmarks.ts';
+import { benchBulk, benchColdstart, benchHttp, benchIdle, benchNewconn, benchPingpong, benchSplit, smoke } from './benchmarks.ts';
 import type { Config } from './benchmarks.ts';
 import { machineInfo, sectionMarkdown, targetsOf, targetsTable, writeResults } from './report.ts';
 import type { Section } from './report.ts';
@@ -25,6 +26,7 @@ const BENCHES = {
   idle: benchIdle,
   pingpong: benchPingpong,
   coldstart: benchColdstart,
+  split: benchSplit,
 } as const;
 type BenchName = keyof typeof BENCHES;
 const ORDER = Object.keys(BENCHES) as BenchName[];
@@ -105,7 +107,7 @@ async function main(): Promise<void> {
   }, budgetMs).unref();
 
   // Quick mode compares ours with the reference only (plus the no-proxy baseline), to stay < 2 min.
-  const wanted = args.proxies ?? (args.quick ? (['ours', 'ref', 'direct'] as ProxyName[]) : [...PROXY_NAMES]);
+  const wanted = args.proxies ?? (args.quick ? (['ours', 'ref', 'direct'] as ProxyName[]) : [...DEFAULT_PROXIES]);
   const proxies: ProxyName[] = [];
   const skipped: string[] = [];
   for (const name of wanted) {

@@ -1,6 +1,7 @@
 // Small load tools run as separate processes by bench/run.ts, so that they do not share an event
 // loop with the orchestrator or with each other:
-//   node bench/tools.ts echo [--unix PATH]                 echo backend; prints "READY {json}"
+//   node bench/tools.ts echo [--unix PATH] [--split]       echo backend; prints "READY {json}";
+//                                                           --split: each echo in two writes
 //   node bench/tools.ts pingpong --port P --count N ...    one connection, 64-byte round trips
 //   node bench/tools.ts idle --port P --count N ...        opens N connections, each echoes a few
 //                                                           bytes, holds them until stdin closes
@@ -32,11 +33,49 @@ function hardDeadline(ms: number): void {
   }, ms).unref();
 }
 
+/**
+ * --split: the echo of each read goes out in two writes, its first half now and the rest on the
+ * next loop turn, like a server that writes a response's headers and then its body (nginx:
+ * writev, then sendfile). TCP_NODELAY is on, so they leave as two segments; a proxy without
+ * TCP_NODELAY then holds the second until the client ACKs the first. Whatever arrives while a
+ * second half waits is queued behind it, so bytes never reorder.
+ */
+interface SplitConn extends net.Socket {
+  queued: Buffer[] | null;
+}
+
+function splitEcho(this: SplitConn, d: Buffer): void {
+  if (this.queued !== null) {
+    this.queued.push(d);
+    return;
+  }
+  const half = d.length >> 1;
+  if (half === 0) {
+    this.write(d);
+    return;
+  }
+  this.write(d.subarray(0, half));
+  this.queued = [d.subarray(half)];
+  setImmediate(flushSplit, this);
+}
+
+function flushSplit(c: SplitConn): void {
+  const q = c.queued ?? [];
+  c.queued = null;
+  if (!c.destroyed) c.write(q.length === 1 ? (q[0] as Buffer) : Buffer.concat(q));
+}
+
 function echo(): void {
   const unixPath = arg('unix', '');
+  const split = process.argv.includes('--split');
   hardDeadline(num('deadline-ms', 15 * 60_000));
   const server = net.createServer({ noDelay: true }, (c) => {
-    c.on('data', (d) => c.write(d));
+    if (split) {
+      (c as SplitConn).queued = null;
+      c.on('data', splitEcho);
+    } else {
+      c.on('data', (d) => c.write(d));
+    }
     c.on('error', () => c.destroy());
   });
   server.on('error', (e) => {
@@ -83,7 +122,7 @@ function pingpong(): void {
     const n = Math.max(0, done - warmup);
     const s = rtt.slice(0, n).sort();
     process.stdout.write(
-      `${JSON.stringify({ ok: err === null && n === count, error: err, count: n, p50us: pct(s, 50), p99us: pct(s, 99), meanus: n > 0 ? s.reduce((a, b) => a + b, 0) / n : NaN })}\n`,
+      `${JSON.stringify({ ok: err === null && n === count, error: err, count: n, p50us: pct(s, 50), p99us: pct(s, 99), maxus: pct(s, 100), meanus: n > 0 ? s.reduce((a, b) => a + b, 0) / n : NaN })}\n`,
       () => process.exit(0),
     );
   };
