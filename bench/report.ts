@@ -183,12 +183,18 @@ export function machineInfo(refVersion: string): Machine {
 
 export function writeResults(file: string, sections: readonly Section[], order: readonly string[], proxies: readonly ProxyName[], machine: Machine, header: string): void {
   const blocks = new Map<string, string>();
+  const others: string[] = [];
   if (existsSync(file)) {
     const old = readFileSync(file, 'utf8');
     for (const id of order) {
       const a = old.indexOf(BEGIN(id));
       const b = old.indexOf(END(id));
       if (a >= 0 && b > a) blocks.set(id, old.slice(a, b + END(id).length));
+    }
+    for (const m of old.matchAll(/<!-- bench:([\w-]+) -->/g)) {
+      const id = m[1] as string;
+      const b = old.indexOf(END(id));
+      if (!order.includes(id) && b > (m.index ?? 0)) others.push(old.slice(m.index, b + END(id).length));
     }
   }
   for (const sec of sections) {
@@ -221,6 +227,8 @@ export function writeResults(file: string, sections: readonly Section[], order: 
       const b = blocks.get(id);
       return b ? [b, ''] : [];
     }),
+    // Blocks that other scripts write (bench/metrics.ts) are kept as they were, after these.
+    ...others.flatMap((b) => [b, '']),
   ].join('\n');
   writeFileSync(file, out);
 }
