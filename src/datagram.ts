@@ -274,6 +274,7 @@ function sendToTarget(flow: Flow, handle: FlowHandle, buf: Buffer): void {
   LIST[0] = buf;
   const r = handle.send(req, LIST, 1, true);
   LIST[0] = EMPTY;
+  if (r >= 0) flow.listener.proxy.stats.bytesToBackend += buf.length;
   if (r > 0) return;
   if (r === 0) {
     req.buffer = buf;
@@ -304,6 +305,7 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
     ? listener.handle.send6(req, LIST, 1, flow.port, flow.address, true)
     : listener.handle.send(req, LIST, 1, flow.port, flow.address, true);
   LIST[0] = EMPTY;
+  if (r >= 0) listener.proxy.stats.bytesToClient += buf.length;
   if (r > 0) return;
   if (r === 0) {
     req.buffer = buf;
@@ -369,6 +371,7 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
   }
   byPort.set(port, flow);
   proxy.flows++;
+  proxy.stats.flows++;
   if (proxy.idleTimer !== null) {
     clearTimeout(proxy.idleTimer);
     proxy.idleTimer = null;

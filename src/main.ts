@@ -180,7 +180,7 @@ let lastStatusAt = 0;
 let lastExtendAt = 0;
 
 function runningStatus(p: Proxy): string {
-  return `Processing requests: ${statusSummary(p.stats, p.connections.size)}`;
+  return `Processing requests: ${statusSummary(p.stats, p.connections.size, p.flows)}`;
 }
 
 function drainingStatus(open: number): string {
@@ -228,7 +228,7 @@ function statusTick(): void {
  */
 function logStatistics(): void {
   if (proxy === null || logger === null) return;
-  logger.log(LOG_INFO, statisticsLine(proxy.stats, proxy.connections.size));
+  logger.log(LOG_INFO, statisticsLine(proxy.stats, proxy.connections.size, proxy.flows));
 }
 
 /**
@@ -262,7 +262,7 @@ async function serveMetrics(p: Proxy, address: Address, log: Logger): Promise<vo
   const metrics: MetricsModule = await import('./metrics.ts');
   let where: string;
   try {
-    where = await metrics.startMetricsServer(address, { connectionsMax: p.options.connectionsMax, collect: () => [{ route: null, stats: p.stats, open: p.connections.size }] });
+    where = await metrics.startMetricsServer(address, { connectionsMax: p.options.connectionsMax, collect: () => [{ route: null, stats: p.stats, open: p.connections.size, flows: p.flows }] });
   } catch (err) {
     throw new ProxyError('ERR_LISTEN', `Failed to serve metrics on ${formatAddress(address)}: ${strerror(err)}`, errnoOf(err));
   }

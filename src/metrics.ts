@@ -31,6 +31,8 @@ export interface MetricsSample {
   readonly route: string | null;
   readonly stats: Stats;
   readonly open: number;
+  /** Datagram flows open now. */
+  readonly flows?: number;
 }
 
 export interface MetricsSource {
@@ -155,7 +157,9 @@ export function renderMetrics(source: MetricsSource): string {
       'Client connections closed because the backend could not be resolved or connected to.',
       per(`${P}backend_connect_failures_total`, (s) => s.stats.backendFailures),
     ),
-    family(`${P}forwarded_bytes_total`, 'counter', 'Bytes forwarded, by direction.', [
+    family(`${P}datagram_flows_open`, 'gauge', 'Datagram flows open now (one per client address).', per(`${P}datagram_flows_open`, (s) => s.flows ?? 0)),
+    family(`${P}datagram_flows_total`, 'counter', 'Datagram flows opened.', per(`${P}datagram_flows_total`, (s) => s.stats.flows)),
+    family(`${P}forwarded_bytes_total`, 'counter', 'Bytes forwarded, by direction (datagram payloads included).', [
       ...per(`${P}forwarded_bytes_total`, (s) => s.stats.bytesToBackend, 'direction="client_to_backend"'),
       ...per(`${P}forwarded_bytes_total`, (s) => s.stats.bytesToClient, 'direction="backend_to_client"'),
     ]),

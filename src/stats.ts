@@ -15,25 +15,31 @@ export interface Stats {
   refused: number;
   /** Connections closed because the backend could not be resolved or connected to. */
   backendFailures: number;
-  /** Bytes read from clients and forwarded to the backend. */
+  /** Datagram flows opened (one per client address, datagram.ts). */
+  flows: number;
+  /** Bytes read from clients and forwarded to the backend (datagram payloads included). */
   bytesToBackend: number;
   /** Bytes read from the backend and forwarded to clients. */
   bytesToClient: number;
 }
 
 export function createStats(): Stats {
-  return { accepted: 0, refused: 0, backendFailures: 0, bytesToBackend: 0, bytesToClient: 0 };
+  return { accepted: 0, refused: 0, backendFailures: 0, flows: 0, bytesToBackend: 0, bytesToClient: 0 };
 }
 
-/** What STATUS= shows: the connection counters (bytes change too often to be a status). */
-export function statusSummary(stats: Stats, open: number): string {
-  return `${open} open, ${stats.accepted} accepted, ${stats.refused} refused by limit, ${stats.backendFailures} backend failures`;
+/**
+ * What STATUS= shows: the connection counters (bytes change too often to be a status).
+ * Datagram flows only once there has been one, so a stream-only proxy's line stays short.
+ */
+export function statusSummary(stats: Stats, open: number, flowsOpen = 0): string {
+  const flows = stats.flows === 0 ? '' : `, ${flowsOpen} flows open, ${stats.flows} flows opened`;
+  return `${open} open, ${stats.accepted} accepted, ${stats.refused} refused by limit, ${stats.backendFailures} backend failures${flows}`;
 }
 
 /** The SIGUSR1 log line: the status counters plus bytes forwarded each way. */
-export function statisticsLine(stats: Stats, open: number): string {
+export function statisticsLine(stats: Stats, open: number, flowsOpen = 0): string {
   return (
-    `Statistics: ${statusSummary(stats, open)}, ` +
+    `Statistics: ${statusSummary(stats, open, flowsOpen)}, ` +
     `${stats.bytesToBackend} bytes client->backend, ${stats.bytesToClient} bytes backend->client`
   );
 }

@@ -14,6 +14,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { createSocket } from 'node:dgram';
 import { createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -616,6 +617,61 @@ describe('metrics', () => {
       await p1.stop();
       await p2.stop();
       await backend.close();
+    }
+  });
+
+  test('datagram flows: counted in the metrics (flows, bytes each way) and in the SIGUSR1 line', async () => {
+    const echo = createSocket('udp4');
+    echo.on('message', (m, r) => echo.send(m, r.port, r.address));
+    await new Promise<void>((r) => echo.bind(0, '127.0.0.1', r));
+    const path = join(tmp.dir, `metrics-${unique()}.sock`);
+    const p = await startProxy({
+      args: [`--metrics=${path}`, '--listen-datagram=127.0.0.1:0', `127.0.0.1:${echo.address().port}`],
+      env: { SYSTEMD_LOG_LEVEL: 'debug' },
+    });
+    const clients = [createSocket('udp4'), createSocket('udp4')];
+    try {
+      await waitFor(() => /Receiving datagrams on 127\.0\.0\.1:([0-9]+)/.test(p.stderr()), SLOW, 'the datagram socket');
+      const port = Number(/Receiving datagrams on 127\.0\.0\.1:([0-9]+)/.exec(p.stderr())?.[1]);
+      let sent = 0;
+      for (const [i, c] of clients.entries()) {
+        await new Promise<void>((r) => c.bind(0, '127.0.0.1', r));
+        for (let k = 0; k < 3; k++) {
+          const payload = Buffer.alloc(100 * (i + 1) + k, 7);
+          // UDP may drop under load: resend until this one's echo arrives.
+          for (let tries = 0; ; tries++) {
+            const got = new Promise<Buffer | null>((resolve) => {
+              const t = setTimeout(() => resolve(null), 1000);
+              c.once('message', (m: Buffer) => {
+                clearTimeout(t);
+                resolve(m);
+              });
+            });
+            c.send(payload, port, '127.0.0.1');
+            sent += payload.length;
+            const m = await got;
+            if (m !== null) {
+              assert.equal(m.length, payload.length);
+              break;
+            }
+            assert.ok(tries < 5, 'an echo within 5 tries');
+          }
+        }
+      }
+      await waitFor(() => existsSync(path), SLOW, 'the metrics socket');
+      const m = samples((await httpGet({ socketPath: path }, '/metrics')).body);
+      assert.equal(m.get('socket_proxyd_datagram_flows_total'), 2);
+      assert.equal(m.get('socket_proxyd_datagram_flows_open'), 2);
+      assert.equal(m.get('socket_proxyd_connections_accepted_total'), 0);
+      assert.equal(m.get('socket_proxyd_forwarded_bytes_total{direction="client_to_backend"}'), sent);
+      assert.equal(m.get('socket_proxyd_forwarded_bytes_total{direction="backend_to_client"}'), sent);
+      p.child.kill('SIGUSR1');
+      await waitFor(() => p.stderr().includes('Statistics:'), SLOW, 'the statistics line');
+      assert.match(p.stderr(), new RegExp(`Statistics: 0 open, 0 accepted, 0 refused by limit, 0 backend failures, 2 flows open, 2 flows opened, ${sent} bytes client->backend, ${sent} bytes backend->client\n`));
+    } finally {
+      for (const c of clients) c.close();
+      echo.close();
+      await p.stop();
     }
   });
 
