@@ -5,7 +5,7 @@
  * runs: the transfer completes byte-exact although it outlasts TimeoutStopSec= (the
  * proxy extends it with EXTEND_TIMEOUT_USEC=), a client that connects during the drain
  * waits in systemd's socket and is served by the next start, and `systemctl status`
- * shows the STATUS= lines.
+ * shows the STATUS= lines; `systemctl kill -s USR1` logs the statistics line.
  *
  * Everything of this manager is private to the test: its runtime directory (not under
  * /tmp: PrivateTmp would hide it), its unit directory (XDG_CONFIG_HOME), its sockets.
@@ -207,6 +207,10 @@ test('real systemd: restart while a transfer runs drains it past TimeoutStopSec=
       'the new start\'s STATUS=',
       5000,
     );
+    // `systemctl kill -s USR1`: the statistics line in the service's log, the service still running.
+    assert.equal((await manager.systemctl('kill', '-s', 'USR1', 'spd-drain.service')).status, 0);
+    await until(async () => /^Statistics: 1 open, 1 accepted, 0 refused by limit, 0 backend failures, 5 bytes client->backend, 5 bytes backend->client$/m.test(readFileSync(log, 'utf8')), 'the statistics line', 5000);
+    assert.equal((await manager.systemctl('is-active', 'spd-drain.service')).stdout.trim(), 'active');
     late.destroy();
     const logText = readFileSync(log, 'utf8');
     assert.match(logText, /^Draining 1 connection for up to 30s\.\.\.$/m);
