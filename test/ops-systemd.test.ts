@@ -217,8 +217,10 @@ test('real systemd: restart while a transfer runs drains it past TimeoutStopSec=
     assert.doesNotMatch(logText, /Drain timeout reached/);
     // The first run ended cleanly (a SIGKILL by TimeoutStopSec= would show as a failure).
     assert.equal((await manager.systemctl('show', '-P', 'Result', 'spd-drain.service')).stdout.trim(), 'success');
-    await manager.systemctl('stop', 'spd-drain.service', 'spd-drain.socket');
   } finally {
+    // Also after a failure: no proxy may outlive the test (the manager's own stop would wait for a drain).
+    await manager.systemctl('kill', '-s', 'KILL', 'spd-drain.service');
+    await manager.systemctl('stop', 'spd-drain.service', 'spd-drain.socket');
     await manager.close();
     await backend.close();
   }
