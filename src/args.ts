@@ -13,11 +13,12 @@
 
 import { EINVAL, ERANGE, ProxyError } from './errors.ts';
 import { parseSec, USEC_INFINITY } from './timespan.ts';
+import { checkRouteName, splitRouteArg } from './route.ts';
 
 export interface Options {
   connectionsMax: number; // default 256
   exitIdleTimeUsec: bigint | null; // null = infinity (the default)
-  listen: string[]; // --listen=ADDR values in order (our extension), default []
+  listen: string[]; // --listen=[NAME=]ADDR values in order, raw (our extension), default []
   proxyProtocol: 'v1' | 'v2' | null; // --proxy-protocol= (v1 as systemd v261, v2 ours), default null: no header
   drainTimeoutUsec: bigint | null; // --drain-timeout=: 0n = no drain (the default), null = wait without limit
   metrics: string | null; // --metrics=ADDRESS (raw; parsed by the caller), default null
@@ -26,7 +27,10 @@ export interface Options {
   listenDatagram?: string[];
   /** --idle-timeout=SPAN in µs; null = infinity; absent = not given (datagram flows: 60 s). */
   idleTimeoutUsec?: bigint | null;
-  target: string; // the one positional argument
+  /** The plain positional TARGET: the default route. null when only NAME=TARGET routes are given. */
+  target: string | null;
+  /** The NAME=TARGET positionals (our extension), in order; names valid and distinct. */
+  routes: { name: string; target: string }[];
 }
 
 export type Parsed =
@@ -270,7 +274,8 @@ export function parseArgv(
     drainTimeoutUsec: 0n,
     metrics: null,
     noDelay: true,
-    target: '',
+    target: null,
+    routes: [],
   };
   const positional: string[] = [];
 
@@ -328,9 +333,20 @@ export function parseArgv(
     }
   }
 
+  // The reference's count rule, for plain TARGETs: NAME=TARGET routes come in addition.
   if (positional.length === 0) throw usage('Not enough parameters.');
-  if (positional.length > 1) throw usage('Too many parameters.');
-  options.target = positional[0] as string;
+  let plain = 0;
+  for (const arg of positional) {
+    const { name, value } = splitRouteArg(arg);
+    if (name === null) {
+      if (++plain > 1) throw usage('Too many parameters.');
+      options.target = arg;
+      continue;
+    }
+    checkRouteName(name, arg);
+    if (options.routes.some((r) => r.name === name)) throw usage(`Route '${name}' is given twice.`);
+    options.routes.push({ name, target: value });
+  }
   return { action: 'run', options };
 }
 
@@ -338,17 +354,22 @@ export function parseArgv(
 export function helpText(progName: string): string {
   return `${progName} [OPTIONS...] HOST:PORT
 ${progName} [OPTIONS...] SOCKET
+${progName} [OPTIONS...] NAME=TARGET... [TARGET]
 
 Bidirectionally proxy local sockets to another (possibly remote) socket.
+NAME=TARGET sends the sockets named NAME (FileDescriptorName=) to TARGET; a
+plain TARGET takes every other socket.
 
   -c --connections-max=N  Set the maximum number of connections to be accepted
                           (default: 256)
      --exit-idle-time=SPAN
                           Exit when without a connection for this duration. See
                           the systemd.time(7) man page for time span format
-     --listen=ADDRESS     Also listen on ADDRESS, besides any sockets passed in
+     --listen=[NAME=]ADDRESS
+                          Also listen on ADDRESS, besides any sockets passed in
                           by systemd: PORT (every address), HOST:PORT,
-                          [IPv6]:PORT, /path or @abstract; may be repeated
+                          [IPv6]:PORT, /path or @abstract; may be repeated;
+                          NAME= names the socket for routes
      --proxy-protocol=v1|v2
                           Send the backend a PROXY protocol header (v1: text, as
                           haproxy's send-proxy; v2: binary) with the client's

@@ -32,7 +32,7 @@ import { getSystemErrorName } from 'node:util';
 import { formatAddress, type Address } from './address.ts';
 import { EINVAL, ProxyError } from './errors.ts';
 import { LOG_DEBUG, LOG_WARNING } from './log.ts';
-import { armIdleTimer, type Proxy } from './proxy.ts';
+import { armIdleTimer, routeFor, type Proxy } from './proxy.ts';
 import { strerror } from './strerror.ts';
 import { uv, type SendReq, type UdpHandle, type UdpPeer } from './uv.ts';
 
@@ -174,7 +174,7 @@ export function isUdpFd(fd: number): boolean {
  * socket itself (getsockname), not guessed: /proc/net would miss a socket made in
  * another network namespace.
  */
-export function listenDatagramOnFd(proxy: Proxy, fd: number, target: Address = proxy.options.target): DatagramListener {
+export function listenDatagramOnFd(proxy: Proxy, fd: number, target: Address = routeFor(proxy, null).target): DatagramListener {
   checkTarget(target);
   const handle = new uv.UDP() as ListenHandle;
   let err = handle.open(fd);
@@ -191,7 +191,7 @@ export function listenDatagramOnFd(proxy: Proxy, fd: number, target: Address = p
 export async function listenDatagramOnAddress(
   proxy: Proxy,
   address: Address,
-  target: Address = proxy.options.target,
+  target: Address = routeFor(proxy, null).target,
 ): Promise<DatagramListener> {
   checkTarget(target);
   const describe = (why: string, errno: number): ProxyError =>

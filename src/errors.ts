@@ -18,6 +18,7 @@ export type ProxyErrorCode =
   | 'ERR_LISTEN_FDS' // socket activation environment is wrong
   | 'ERR_NOT_STREAM' // a passed fd is not a listening stream socket
   | 'ERR_LISTEN' // --listen address could not be bound
+  | 'ERR_ROUTE' // a socket without a route, or a named route without a socket
   | 'ERR_NODE_INTERNALS'; // this Node.js lacks the stream bindings the data path uses (src/uv.ts)
 
 export class ProxyError extends Error {

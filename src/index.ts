@@ -20,9 +20,12 @@ export {
   drainProxy,
   listenOnAddress,
   listenOnFd,
+  routeFor,
+  totalStats,
   type LookupFunction,
   type Proxy,
   type ProxyOptions,
 } from './proxy.ts';
+export { assignRoutes, checkRouteName, splitRouteArg, type Route, type RouteSpec, type SocketSpec } from './route.ts';
 export { parseSec, formatTimespan, USEC_INFINITY } from './timespan.ts';
 export { statisticsLine, statusSummary, type Stats } from './stats.ts';

@@ -12,8 +12,9 @@ import { formatAddress, parseAddress, parseListenAddress, type Address } from '.
 import { helpText, parseArgv, type Options } from './args.ts';
 import { EINVAL, ProxyError } from './errors.ts';
 import { createLogger, LOG_DEBUG, LOG_ERR, LOG_INFO, LOG_WARNING, type Logger } from './log.ts';
-import { armIdleTimer, closeProxy, createProxy, drainProxy, listenOnAddress, listenOnFd, type Proxy } from './proxy.ts';
-import { statisticsLine, statusSummary } from './stats.ts';
+import { armIdleTimer, closeProxy, createProxy, drainProxy, listenOnAddress, listenOnFd, routeFor, totalStats, type Proxy } from './proxy.ts';
+import { assignRoutes, checkRouteName, DEFAULT_ROUTE_LABEL, splitRouteArg, type SocketSpec } from './route.ts';
+import { statisticsLine, statusSummary, type Stats } from './stats.ts';
 import { strerror } from './strerror.ts';
 import { formatTimespan } from './timespan.ts';
 import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd } from './datagram.ts';
@@ -180,7 +181,7 @@ let lastStatusAt = 0;
 let lastExtendAt = 0;
 
 function runningStatus(p: Proxy): string {
-  return `Processing requests: ${statusSummary(p.stats, p.connections.size, p.flows)}`;
+  return `Processing requests: ${statusSummary(totalStats(p), p.connections.size, p.flows)}`;
 }
 
 function drainingStatus(open: number): string {
@@ -228,7 +229,7 @@ function statusTick(): void {
  */
 function logStatistics(): void {
   if (proxy === null || logger === null) return;
-  logger.log(LOG_INFO, statisticsLine(proxy.stats, proxy.connections.size, proxy.flows));
+  logger.log(LOG_INFO, statisticsLine(totalStats(proxy), proxy.connections.size, proxy.flows));
 }
 
 /**
@@ -262,12 +263,50 @@ async function serveMetrics(p: Proxy, address: Address, log: Logger): Promise<vo
   const metrics: MetricsModule = await import('./metrics.ts');
   let where: string;
   try {
-    where = await metrics.startMetricsServer(address, { connectionsMax: p.options.connectionsMax, collect: () => [{ route: null, stats: p.stats, open: p.connections.size, flows: p.flows }] });
+    where = await metrics.startMetricsServer(address, { connectionsMax: p.options.connectionsMax, collect: () => metricsSamples(p) });
   } catch (err) {
     throw new ProxyError('ERR_LISTEN', `Failed to serve metrics on ${formatAddress(address)}: ${strerror(err)}`, errnoOf(err));
   }
   if (path !== null) metricsPath = path;
   log.log(LOG_DEBUG, `Serving metrics on ${where}`);
+}
+
+/**
+ * One sample per route, labelled by route name ("(default)" for the default) once there
+ * are several; datagram flows (counted per process, not per route yet) then get their own
+ * sample, labelled "(datagram)", once there has been one.
+ */
+function metricsSamples(p: Proxy): { route: string | null; stats: Stats; open: number; flows: number }[] {
+  if (p.routes.length === 1) return [{ route: null, stats: totalStats(p), open: p.connections.size, flows: p.flows }];
+  const samples = p.routes.map((r) => ({ route: r.name ?? DEFAULT_ROUTE_LABEL, stats: r.stats, open: r.open, flows: 0 }));
+  if (p.stats.flows > 0) samples.push({ route: '(datagram)', stats: p.stats, open: 0, flows: p.flows });
+  return samples;
+}
+
+/**
+ * Parse a route's target. With several routes an error names the route ("web: Invalid
+ * address ..."); with one it is exactly today's line.
+ */
+function parseTarget(text: string, name: string | null, several: boolean): Address {
+  try {
+    return parseAddress(text);
+  } catch (err) {
+    if (!several || !(err instanceof ProxyError)) throw err;
+    throw new ProxyError(err.code, `${name ?? DEFAULT_ROUTE_LABEL}: ${err.message}`, err.errno);
+  }
+}
+
+/** One --listen=[NAME=]ADDRESS. */
+interface ListenArg {
+  readonly name: string | null;
+  readonly address: Address;
+  readonly text: string;
+}
+
+function parseListen(text: string): ListenArg {
+  const { name, value } = splitRouteArg(text);
+  if (name !== null) checkRouteName(name, `--listen=${text}`);
+  return { name, address: parseListenAddress(value), text };
 }
 
 function errnoOf(err: unknown): number {
@@ -286,8 +325,9 @@ export async function main(argv: string[]): Promise<void> {
   await loadNotifier(log);
 
   let options: Options;
-  let target: Address;
-  let listen: Address[];
+  let target: Address | null;
+  let routes: { name: string; target: Address }[];
+  let listen: ListenArg[];
   let metricsAddress: Address | null;
   let listenDatagram: Address[];
   try {
@@ -301,8 +341,10 @@ export async function main(argv: string[]): Promise<void> {
       process.exit(0);
     }
     options = parsed.options;
-    target = parseAddress(options.target);
-    listen = options.listen.map(parseListenAddress);
+    const several = options.routes.length + (options.target === null ? 0 : 1) > 1;
+    target = options.target === null ? null : parseTarget(options.target, null, several);
+    routes = options.routes.map((r) => ({ name: r.name, target: parseTarget(r.target, r.name, several) }));
+    listen = options.listen.map(parseListen);
     metricsAddress = options.metrics === null ? null : parseListenAddress(options.metrics);
     drainTimeoutUsec = options.drainTimeoutUsec;
     listenDatagram = (options.listenDatagram ?? []).map(parseListenAddress);
@@ -314,8 +356,16 @@ export async function main(argv: string[]): Promise<void> {
   try {
     const fds = takeListenFds(env, process.pid);
     if (fds.length === 0 && listen.length === 0 && listenDatagram.length === 0) throw new ProxyError('ERR_LISTEN_FDS', MSG_NO_SOCKETS, EINVAL);
+    // Every socket has a route and every named route a socket, before anything is bound.
+    const sockets: SocketSpec[] = [
+      ...fds.map((f) => ({ name: f.name, where: `fd ${f.fd}` })),
+      ...listen.map((l) => ({ name: l.name ?? undefined, where: `--listen=${l.text}` })),
+      ...listenDatagram.map((a) => ({ name: undefined, where: `--listen-datagram=${a.text}` })),
+    ];
+    assignRoutes([...(target === null ? [] : [{ name: null }]), ...routes], sockets);
     started = proxy = createProxy({
       target,
+      routes,
       connectionsMax: options.connectionsMax,
       exitIdleTimeUsec: options.exitIdleTimeUsec,
       proxyProtocol: options.proxyProtocol,
@@ -324,20 +374,20 @@ export async function main(argv: string[]): Promise<void> {
       logger: log,
       onIdle: stop,
     });
-    for (const { fd } of fds) {
+    for (const { fd, name } of fds) {
       try {
-        await listenOnFd(started, fd);
+        await listenOnFd(started, fd, name);
       } catch (err) {
         // Not a listening stream socket: serve it if it is a UDP one (ListenDatagram=),
-        // otherwise keep the reference's refusal.
+        // otherwise keep the reference's refusal. Its name picks its target, as for streams.
         if (!(err instanceof ProxyError && err.code === 'ERR_NOT_STREAM' && isUdpFd(fd))) throw err;
-        listenDatagramOnFd(started, fd);
+        listenDatagramOnFd(started, fd, routeFor(started, name).target);
       }
     }
-    for (const address of listen) {
+    for (const { address, name } of listen) {
       const path = address.kind === 'unix' && !address.path.startsWith('\0') ? address.path : null;
       if (path !== null) await removeStaleSocket(path);
-      await listenOnAddress(started, address);
+      await listenOnAddress(started, address, undefined, name);
       if (path !== null) boundPaths.push(path);
     }
     for (const address of listenDatagram) await listenDatagramOnAddress(started, address);

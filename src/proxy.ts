@@ -22,18 +22,20 @@ import {
   resolved,
   startConnection,
   type Connection,
-  type ConnectionOwner,
   type StreamHandle,
 } from './forward.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
-import { createStats } from './stats.ts';
+import { DEFAULT_ROUTE_LABEL, type Route, type RouteSpec } from './route.ts';
+import { createStats, type Stats } from './stats.ts';
 import { strerror } from './strerror.ts';
 import { checkBindings, uv, type TcpHandle } from './uv.ts';
 
 export interface ProxyOptions {
-  /** Where every connection goes. */
-  readonly target: Address;
-  /** Hard cap on connections open at once, counting those still connecting. */
+  /** The default route: where connections on sockets without a route of their own go. */
+  readonly target?: Address | null;
+  /** Named routes: sockets with this name (LISTEN_FDNAMES, --listen=NAME=) go to this target. */
+  readonly routes?: readonly { readonly name: string; readonly target: Address }[];
+  /** Hard cap on connections open at once across all routes, counting those still connecting. */
   readonly connectionsMax: number;
   /** Exit after this long without connections (microseconds); null: never. */
   readonly exitIdleTimeUsec: bigint | null;
@@ -71,8 +73,14 @@ export type LookupFunction = (
   callback: (err: NodeJS.ErrnoException | null, addresses: LookupAddress[]) => void,
 ) => void;
 
-export interface Proxy extends ConnectionOwner {
+export interface Proxy {
   readonly options: ProxyOptions;
+  /** The default route (if any) first, then the named ones in the order given. */
+  readonly routes: Route[];
+  /** Lines about the process rather than one route's connection (datagram.ts logs here). */
+  readonly log: (level: number, message: string) => void;
+  /** Counters not kept per route (datagram flows, datagram.ts); totalStats() adds the routes'. */
+  readonly stats: Stats;
   readonly servers: Server[];
   readonly connections: Set<Connection>;
   /** Open datagram flows (datagram.ts): they count toward connectionsMax and keep the proxy from idling. */
@@ -90,12 +98,13 @@ export interface Proxy extends ConnectionOwner {
   onDrained: (() => void) | null;
 }
 
-const kProxy = Symbol('socket-proxyd.proxy');
+const kRoute = Symbol('socket-proxyd.route');
 const kNoDelay = Symbol('socket-proxyd.noDelay');
 
 interface ServerHandle {
   onconnection: (err: number, handle?: StreamHandle) => void;
-  [kProxy]?: Proxy;
+  /** The route this listening socket's connections take (its proxy is route.proxy). */
+  [kRoute]?: Route;
   /** Set TCP_NODELAY on each accepted handle: noDelay is on and this is a TCP listener. */
   [kNoDelay]?: boolean;
 }
@@ -109,15 +118,17 @@ const INHERITED_BACKLOG = 0x7fffffff;
 export function createProxy(options: ProxyOptions): Proxy {
   // One clear error now rather than a crash on the first connection.
   checkBindings();
-  const logger = options.logger;
+  const specs: RouteSpec[] = [];
+  if (options.target !== undefined && options.target !== null) specs.push({ name: null, target: options.target });
+  for (const r of options.routes ?? []) {
+    if (specs.some((s) => s.name === r.name)) throw new ProxyError('ERR_ROUTE', `Route '${r.name}' is given twice.`, EINVAL);
+    specs.push(r);
+  }
+  if (specs.length === 0) throw new ProxyError('ERR_ROUTE', 'No target given.', EINVAL);
   const proxy: Proxy = {
     options,
-    target: options.target,
-    noDelay: options.noDelay ?? true,
-    log: logger.log.bind(logger),
-    release: releaseConnection,
-    resolve: resolveTarget,
-    proxyProtocol: options.proxyProtocol === 'v1' ? 1 : options.proxyProtocol === 'v2' ? 2 : 0,
+    routes: [],
+    log: options.logger.log.bind(options.logger),
     stats: createStats(),
     servers: [],
     connections: new Set(),
@@ -129,22 +140,87 @@ export function createProxy(options: ProxyOptions): Proxy {
     closed: false,
     onDrained: null,
   };
+  const logger = options.logger;
+  const noDelay = options.noDelay ?? true;
+  const proxyProtocol = options.proxyProtocol === 'v1' ? 1 : options.proxyProtocol === 'v2' ? 2 : 0;
+  // With one route every line is the reference's; with several, each says its route.
+  const several = specs.length > 1;
+  for (const spec of specs) {
+    proxy.routes.push({
+      name: spec.name,
+      target: spec.target,
+      proxy,
+      prefix: several ? `${spec.name ?? DEFAULT_ROUTE_LABEL}: ` : '',
+      noDelay,
+      log: several ? routeLog : logger.log.bind(logger),
+      release: releaseConnection,
+      resolve: resolveTarget,
+      proxyProtocol,
+      stats: createStats(),
+      open: 0,
+    });
+  }
   return proxy;
 }
 
-/** Start accepting on an inherited listening socket (socket activation). */
-export function listenOnFd(proxy: Proxy, fd: number): Promise<Server> {
+/** A route's log line, prefixed with its name (only used with several routes). */
+function routeLog(this: Route, level: number, message: string): void {
+  const logger = this.proxy.options.logger;
+  if (level <= logger.maxLevel) logger.log(level, this.prefix + message);
+}
+
+/**
+ * The route for a socket with this name (undefined or "": unnamed): its name's, else the
+ * default. Throws ProxyError('ERR_ROUTE') when there is none (main.ts checks every socket
+ * with assignRoutes() first, with a message naming the socket).
+ */
+export function routeFor(proxy: Proxy, name: string | null | undefined): Route {
+  const named = name === undefined || name === null || name === '' ? undefined : proxy.routes.find((r) => r.name === name);
+  const route = named ?? proxy.routes.find((r) => r.name === null);
+  if (route === undefined) {
+    throw new ProxyError('ERR_ROUTE', `No route for socket '${name ?? ''}', and no default route.`, EINVAL);
+  }
+  return route;
+}
+
+/**
+ * The counters of the whole process: the routes' plus the process-level ones (datagram
+ * flows), summed into a fresh object only when somebody asks (STATUS=, SIGUSR1, a scrape).
+ */
+export function totalStats(proxy: Proxy): Stats {
+  const total = { ...proxy.stats };
+  for (const r of proxy.routes) {
+    total.accepted += r.stats.accepted;
+    total.refused += r.stats.refused;
+    total.backendFailures += r.stats.backendFailures;
+    total.flows += r.stats.flows;
+    total.bytesToBackend += r.stats.bytesToBackend;
+    total.bytesToClient += r.stats.bytesToClient;
+  }
+  return total;
+}
+
+/**
+ * Start accepting on an inherited listening socket (socket activation). `name` is the
+ * socket's name (LISTEN_FDNAMES) and picks its route; unnamed takes the default route.
+ */
+export function listenOnFd(proxy: Proxy, fd: number, name?: string | null): Promise<Server> {
+  const route = routeFor(proxy, name);
   const server = new Server();
   // Positional backlog: the `{fd, backlog}` option is ignored by Node, which would
   // re-listen with 511 and silently shrink systemd's Backlog=.
-  return startServer(proxy, server, () => server.listen({ fd }, INHERITED_BACKLOG), (err) => {
+  return startServer(route, server, () => server.listen({ fd }, INHERITED_BACKLOG), (err) => {
     // Datagram, seqpacket and connected sockets all fail in listen(): same words as the reference.
     return new ProxyError('ERR_NOT_STREAM', `${MSG_NOT_STREAM}`, errnoOf(err) ?? ENOTSOCK);
   });
 }
 
-/** Bind and listen ourselves (--listen=, for use without systemd). Resolves to the listening server. */
-export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096): Promise<Server> {
+/**
+ * Bind and listen ourselves (--listen=, for use without systemd). Resolves to the listening
+ * server. `name` (--listen=NAME=ADDRESS) picks the route, as for listenOnFd().
+ */
+export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096, name?: string | null): Promise<Server> {
+  const route = routeFor(proxy, name);
   const server = new Server();
   const start =
     address.kind === 'unix'
@@ -153,7 +229,7 @@ export function listenOnAddress(proxy: Proxy, address: Address, backlog = 4096):
         ? // No host: Node binds [::] dual-stack, or 0.0.0.0 where IPv6 is unavailable (as systemd).
           () => server.listen({ port: address.port, backlog, ipv6Only: false })
         : () => server.listen({ host: address.host, port: address.port, backlog, ipv6Only: false });
-  return startServer(proxy, server, start, (err) => {
+  return startServer(route, server, start, (err) => {
     const cause = address.kind === 'unix' ? realBindError(err, address.path) : err;
     return new ProxyError('ERR_LISTEN', `Failed to listen on ${formatAddress(address)}: ${strerror(cause)}`, errnoOf(cause) ?? EINVAL);
   });
@@ -181,7 +257,7 @@ function errnoOf(err: unknown): number | undefined {
 }
 
 function startServer(
-  proxy: Proxy,
+  route: Route,
   server: Server,
   start: () => void,
   describe: (err: Error) => ProxyError,
@@ -196,13 +272,13 @@ function startServer(
       // 'listening' is emitted on the next tick after listen(2), before the loop can
       // poll the socket, so no connection reaches Node's own accept callback.
       const handle = (server as unknown as { _handle: ServerHandle | null })._handle as ServerHandle;
-      handle[kProxy] = proxy;
+      handle[kRoute] = route;
       // Decided once per listener: accepted handles are of the listener's type.
-      handle[kNoDelay] = proxy.noDelay && handle instanceof uv.TCP;
+      handle[kNoDelay] = route.noDelay && handle instanceof uv.TCP;
       handle.onconnection = onConnection;
       // Accept errors after start-up are logged, never fatal.
       server.on('error', onServerError);
-      proxy.servers.push(server);
+      route.proxy.servers.push(server);
       resolve(server);
     };
     server.once('error', onError);
@@ -216,27 +292,29 @@ function onServerError(): void {}
 
 /** Accept callback, with `this` the listening handle (see the module comment). */
 function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): void {
-  const proxy = this[kProxy] as Proxy;
+  const route = this[kRoute] as Route;
+  const proxy = route.proxy;
   if (err !== 0 || handle === undefined) {
     // libuv already survives EMFILE by accepting and closing what it cannot serve
     // (its reserve-fd trick), so this is no busy loop: one line per failed batch.
-    proxy.log(LOG_WARNING, `Failed to accept() socket: ${strerror({ code: getSystemErrorName(err) })}`);
+    route.log(LOG_WARNING, `Failed to accept() socket: ${strerror({ code: getSystemErrorName(err) })}`);
     return;
   }
   if (proxy.closed) {
     handle.close();
     return;
   }
-  const logger = proxy.options.logger;
-  if (logger.maxLevel >= LOG_DEBUG) logger.log(LOG_DEBUG, `New connection from ${peerName(handle)}`);
+  if (proxy.options.logger.maxLevel >= LOG_DEBUG) route.log(LOG_DEBUG, `New connection from ${peerName(handle)}`);
+  // One limit for the whole process, whatever the route (datagram flows too): a hard cap on fds and memory.
   if (proxy.connections.size + proxy.flows >= proxy.options.connectionsMax) {
     // Accept-then-close, as the reference: the client sees EOF (or RST if it already sent data).
     handle.close();
-    proxy.stats.refused++;
-    logger.log(LOG_WARNING, 'Hit connection limit, refusing connection.');
+    route.stats.refused++;
+    route.log(LOG_WARNING, 'Hit connection limit, refusing connection.');
     return;
   }
-  proxy.stats.accepted++;
+  route.stats.accepted++;
+  route.open++;
   if (proxy.idleTimer !== null) {
     clearTimeout(proxy.idleTimer);
     proxy.idleTimer = null;
@@ -244,7 +322,7 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
   // One setsockopt per accepted socket. A failure (the peer already reset) costs only
   // timing, and the connection's first read or write reports the real error.
   if (this[kNoDelay] === true) (handle as TcpHandle).setNoDelay(true);
-  proxy.connections.add(startConnection(proxy, handle));
+  proxy.connections.add(startConnection(route, handle));
 }
 
 function peerName(handle: StreamHandle): string {
@@ -256,13 +334,14 @@ function peerName(handle: StreamHandle): string {
   return 'a UNIX socket';
 }
 
-function resolveTarget(this: Proxy, conn: Connection): void {
+function resolveTarget(this: Route, conn: Connection): void {
   const target = this.target;
   if (target.kind !== 'name') return;
-  if (this.options.logger.maxLevel >= LOG_DEBUG) {
+  const options = this.proxy.options;
+  if (options.logger.maxLevel >= LOG_DEBUG) {
     this.log(LOG_DEBUG, `Looking up address info for ${target.host}:${target.port}`);
   }
-  (this.options.lookup ?? lookup)(target.host, LOOKUP_OPTIONS, (err, addresses: LookupAddress[]) => {
+  (options.lookup ?? lookup)(target.host, LOOKUP_OPTIONS, (err, addresses: LookupAddress[]) => {
     resolved(conn, err, err === null ? addresses.map(addressOf) : []);
   });
 }
@@ -274,15 +353,17 @@ function addressOf(a: LookupAddress): string {
   return a.address;
 }
 
-function releaseConnection(this: Proxy, conn: Connection): void {
-  this.connections.delete(conn);
-  if (this.connections.size !== 0) return;
-  const drained = this.onDrained;
+function releaseConnection(this: Route, conn: Connection): void {
+  this.open--;
+  const proxy = this.proxy;
+  proxy.connections.delete(conn);
+  if (proxy.connections.size !== 0) return;
+  const drained = proxy.onDrained;
   if (drained === null) {
-    armIdleTimer(this);
+    armIdleTimer(proxy);
     return;
   }
-  this.onDrained = null;
+  proxy.onDrained = null;
   drained();
 }
 

@@ -24,7 +24,7 @@ type Want =
   | { kind: 'version' }
   | {
       kind: 'run';
-      target: string;
+      target: string | null;
       c: number;
       idle: bigint | null;
       listen: string[];
@@ -33,6 +33,7 @@ type Want =
       metrics: string | null;
       noDelay: boolean;
       extra: Partial<Options>;
+      routes: { name: string; target: string }[];
     }
   | { kind: 'error'; message: string; errno: number };
 
@@ -50,8 +51,17 @@ interface Row {
 const HELP: Want = { kind: 'help' };
 const VERSION: Want = { kind: 'version' };
 function ok(
-  target: string,
-  v: { c?: number; idle?: bigint | null; listen?: string[]; pp?: 'v1' | 'v2'; drain?: bigint | null; metrics?: string; noDelay?: boolean } = {},
+  target: string | null,
+  v: {
+    c?: number;
+    idle?: bigint | null;
+    listen?: string[];
+    pp?: 'v1' | 'v2';
+    drain?: bigint | null;
+    metrics?: string;
+    noDelay?: boolean;
+    routes?: [string, string][];
+  } = {},
   extra: Partial<Options> = {},
 ): Want {
   return {
@@ -65,10 +75,15 @@ function ok(
     metrics: v.metrics ?? null,
     noDelay: v.noDelay ?? true,
     extra,
+    routes: (v.routes ?? []).map(([name, t]) => ({ name, target: t })),
   };
 }
 function badNoDelay(arg: string): Want {
   return fail(`Failed to parse --nodelay= argument: ${arg}`);
+}
+/** A NAME=TARGET argument that is refused. */
+function badRoute(arg: string, why: string): Want {
+  return fail(`Invalid route '${arg}': ${why} (names follow FileDescriptorName= rules).`);
 }
 /** A systemd-side message (no prefix). */
 function fail(message: string, errno: number = EINVAL): Want {
@@ -144,6 +159,32 @@ const TABLE: Row[] = [
     ),
     refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout'",
   },
+
+  // Routes (issue 12): NAME=TARGET positionals besides at most one plain TARGET. A leading
+  // '/' or '@' is always a plain UNIX target, '=' or not; both sides run those.
+  { argv: ['/run/a=b.sock'], want: ok('/run/a=b.sock') },
+  { argv: ['@x=y'], want: ok('@x=y') },
+  { argv: ['/run/a=b', '@c=d'], want: fail('Too many parameters.') },
+  { argv: ['web=/run/nginx.sock'], oursOnly: true, want: ok(null, { routes: [['web', '/run/nginx.sock']] }) },
+  {
+    argv: ['web=/run/nginx.sock', 'db=/run/postgresql/.s.PGSQL.5432'],
+    oursOnly: true,
+    want: ok(null, { routes: [['web', '/run/nginx.sock'], ['db', '/run/postgresql/.s.PGSQL.5432']] }),
+  },
+  { argv: ['a=1.2.3.4:80', 'x', '-c3', 'b=c=d'], oursOnly: true, want: ok('x', { c: 3, routes: [['a', '1.2.3.4:80'], ['b', 'c=d']] }) },
+  { argv: ['x', 'web.socket=/s', '--', 'y'], oursOnly: true, want: fail('Too many parameters.') },
+  { argv: ['a=b', 'c=d', 'x', 'y'], oursOnly: true, want: fail('Too many parameters.') },
+  { argv: ['a= ', 'b=', 'x'], oursOnly: true, want: ok('x', { routes: [['a', ' '], ['b', '']] }) }, // bad targets: main.ts
+  { argv: ['=x'], oursOnly: true, want: badRoute('=x', 'empty name') },
+  { argv: ['a:b=x'], oursOnly: true, want: badRoute('a:b=x', "name contains ':'") },
+  { argv: ['a\tb=x'], oursOnly: true, want: badRoute('a\tb=x', 'name is not printable ASCII') },
+  { argv: ['\x7f=x'], oursOnly: true, want: badRoute('\x7f=x', 'name is not printable ASCII') },
+  { argv: ['é=x'], oursOnly: true, want: badRoute('é=x', 'name is not printable ASCII') },
+  { argv: [`${'n'.repeat(255)}=x`], oursOnly: true, want: ok(null, { routes: [['n'.repeat(255), 'x']] }) },
+  { argv: [`${'n'.repeat(256)}=x`], oursOnly: true, want: badRoute(`${'n'.repeat(256)}=x`, 'name longer than 255 characters') },
+  { argv: [' sp ace =x'], oursOnly: true, want: ok(null, { routes: [[' sp ace ', 'x']] }) }, // systemd allows spaces
+  { argv: ['web=/a', 'x', 'web=/b'], oursOnly: true, want: fail("Route 'web' is given twice.") },
+  { argv: ['--listen=web=127.0.0.1:0', 'web=x'], oursOnly: true, want: ok(null, { listen: ['web=127.0.0.1:0'], routes: [['web', 'x']] }) },
 
   // GNU permutation and strict left-to-right: the first decisive option wins.
   { argv: ['x', '-c', '5'], want: ok('x', { c: 5 }) },
@@ -425,6 +466,7 @@ for (const row of TABLE) {
             metrics: want.metrics,
             noDelay: want.noDelay,
             target: want.target,
+            routes: want.routes,
             ...want.extra,
           },
         });
@@ -486,17 +528,22 @@ test('helpText is exact', () => {
     helpText('socket-proxyd'),
     `socket-proxyd [OPTIONS...] HOST:PORT
 socket-proxyd [OPTIONS...] SOCKET
+socket-proxyd [OPTIONS...] NAME=TARGET... [TARGET]
 
 Bidirectionally proxy local sockets to another (possibly remote) socket.
+NAME=TARGET sends the sockets named NAME (FileDescriptorName=) to TARGET; a
+plain TARGET takes every other socket.
 
   -c --connections-max=N  Set the maximum number of connections to be accepted
                           (default: 256)
      --exit-idle-time=SPAN
                           Exit when without a connection for this duration. See
                           the systemd.time(7) man page for time span format
-     --listen=ADDRESS     Also listen on ADDRESS, besides any sockets passed in
+     --listen=[NAME=]ADDRESS
+                          Also listen on ADDRESS, besides any sockets passed in
                           by systemd: PORT (every address), HOST:PORT,
-                          [IPv6]:PORT, /path or @abstract; may be repeated
+                          [IPv6]:PORT, /path or @abstract; may be repeated;
+                          NAME= names the socket for routes
      --proxy-protocol=v1|v2
                           Send the backend a PROXY protocol header (v1: text, as
                           haproxy's send-proxy; v2: binary) with the client's

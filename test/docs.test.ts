@@ -67,12 +67,19 @@ const EXPECTED_FILES: Record<string, string[]> = {
   'idle-exit': ['nginx.conf', 'nginx.service.d/stop-when-unneeded.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
 };
 
+/** The routes example (issue 12): two named socket units, one service for both. */
+const ROUTES = 'routes';
+const ROUTES_FILES = ['nginx.conf', 'proxy-db.socket', 'proxy-routes.service', 'proxy-web.socket'];
+const ROUTES_UNITS = ['proxy-web.socket', 'proxy-db.socket', 'proxy-routes.service'];
+const ROUTES_EXEC = ['web=/run/nginx.sock', 'db=/run/postgresql/.s.PGSQL.5432'];
+
 // ---------------------------------------------------------------------------------------------
 // examples/
 
 /** Examples that are not about nginx, each with its own tests below. */
 const OTHER_EXAMPLES: Record<string, string[]> = {
   'dns-udp': ['dnsmasq.d/port-5353.conf', 'proxy-to-dns.service', 'proxy-to-dns.socket'],
+  [ROUTES]: ROUTES_FILES,
 };
 
 test('examples/: the man page\'s two examples plus the idle-exit one, all Type=notify', () => {
@@ -193,11 +200,34 @@ test('examples/: each service shows how to run the right Node (Environment=PATH=
   }
 });
 
+test('examples/routes: two socket units with FileDescriptorName= start one service that routes by name', () => {
+  const dir = join(EXAMPLES, ROUTES);
+  assert.deepEqual(filesUnder(dir), ROUTES_FILES);
+  for (const [unit, port, name] of [['proxy-web.socket', 80, 'web'], ['proxy-db.socket', 5432, 'db']] as const) {
+    assert.deepEqual(directives(join(dir, unit)), [
+      '[Socket]',
+      `ListenStream=${port}`,
+      `FileDescriptorName=${name}`,
+      'Service=proxy-routes.service',
+      '[Install]',
+      'WantedBy=sockets.target',
+    ]);
+  }
+  const service = directives(join(dir, 'proxy-routes.service'));
+  for (const want of ['Type=notify', 'Sockets=proxy-web.socket proxy-db.socket', 'Requires=proxy-web.socket proxy-db.socket', 'PrivateNetwork=yes']) {
+    assert.ok(service.includes(want), want);
+  }
+  const exec = execStart(join(dir, 'proxy-routes.service'));
+  assert.equal(exec[0], INSTALLED);
+  assert.deepEqual(exec.slice(1), ROUTES_EXEC);
+});
+
 /**
  * Copy one example to a fresh directory, with a stub nginx.service beside it and, unless
  * `rewrite` is false, ExecStart='s binary pointed at an executable wrapper of dist/cli.js.
  */
 function stage(dir: string, name: string, rewrite = true): { where: string; units: string[] } {
+  const routes = dir === ROUTES;
   const where = join(tmp.dir, name);
   cpSync(join(EXAMPLES, dir), where, { recursive: true });
   const bin = join(tmp.dir, 'bin', 'socket-proxyd');
@@ -206,10 +236,12 @@ function stage(dir: string, name: string, rewrite = true): { where: string; unit
     writeFileSync(bin, `#!/bin/sh\nexec '${process.execPath}' '${OURS}' "$@"\n`);
     chmodSync(bin, 0o755);
   }
-  writeFileSync(join(where, 'nginx.service'), '[Unit]\nDescription=stand-in for verification\n\n[Service]\nExecStart=/bin/true\n');
-  const units = ['proxy-to-nginx.socket', 'proxy-to-nginx.service'].map((u) => join(where, u));
+  for (const stub of routes ? ['nginx.service', 'postgresql.service'] : ['nginx.service']) {
+    writeFileSync(join(where, stub), '[Unit]\nDescription=stand-in for verification\n\n[Service]\nExecStart=/bin/true\n');
+  }
+  const units = (routes ? ROUTES_UNITS : ['proxy-to-nginx.socket', 'proxy-to-nginx.service']).map((u) => join(where, u));
   if (rewrite) {
-    const service = units[1] as string;
+    const service = units.at(-1) as string;
     const text = readFileSync(service, 'utf8');
     assert.ok(text.includes(`ExecStart=${INSTALLED} `));
     writeFileSync(service, text.replaceAll(`ExecStart=${INSTALLED} `, `ExecStart=${bin} `));
@@ -223,7 +255,7 @@ function verify(units: string[]): { status: number | null; stderr: string } {
 }
 
 test('examples/: systemd-analyze verify accepts every unit (copies with ExecStart= pointed at an existing binary)', () => {
-  for (const dir of Object.keys(EXPECTED_FILES)) {
+  for (const dir of [...Object.keys(EXPECTED_FILES), ROUTES]) {
     const { units } = stage(dir, `verify-${dir}`);
     const r = verify(units);
     assert.equal(r.stderr, '', `${dir}: systemd-analyze verify says nothing`);
@@ -331,6 +363,31 @@ test('examples/dns-udp: ListenDatagram= + ListenStream= verified by systemd-anal
   }
 });
 
+test('examples/routes: its ExecStart= line, with both sockets passed as systemd does (names, either order), reaches both backends', async () => {
+  const web = await startBackend((s) => s.end('nginx\n'), { path: join(tmp.dir, 'nginx.sock') });
+  const db = await startBackend((s) => s.end('postgres\n'), { path: join(tmp.dir, 'pgsql.sock') });
+  try {
+    const args = execStart(join(EXAMPLES, ROUTES, 'proxy-routes.service'))
+      .slice(1)
+      .map((a) => a.replace('/run/nginx.sock', web.address).replace('/run/postgresql/.s.PGSQL.5432', db.address));
+    for (const names of [['web', 'db'], ['db', 'web']]) {
+      const p = await startProxy({ args, listen: [{ kind: 'tcp' }, { kind: 'tcp' }], env: { LISTEN_FDNAMES: names.join(':') } });
+      try {
+        for (const [i, name] of names.entries()) {
+          const r = await roundTrip(p.listeners[i]!.connectOptions, Buffer.alloc(0), 5000);
+          assert.equal(r.data.toString(), name === 'web' ? 'nginx\n' : 'postgres\n', `${names.join(':')}: ${p.stderr()}`);
+        }
+        assert.equal(p.stderr(), '');
+      } finally {
+        await p.stop();
+      }
+    }
+  } finally {
+    await web.close();
+    await db.close();
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // man/socket-proxyd.8
 
@@ -392,9 +449,9 @@ test('man page: documents exactly the options of --help, with the same synopsis 
   const helpShort = [...new Set(help.match(/(?<=^ {2})-[a-z]\b/gm) ?? [])].sort();
   assert.deepEqual(helpShort, ['-c', '-h']);
   for (const short of helpShort) assert.ok(tags.some((t) => t.trimStart().startsWith(short)), `${short} documented`);
-  // Synopsis: the same two forms as --help's first lines.
+  // Synopsis: the same three forms as --help's first lines.
   const synopsis = squash(section(text, 'SYNOPSIS'));
-  for (const line of help.split('\n').slice(0, 2)) assert.ok(synopsis.includes(squash(line)), `synopsis has: ${line}`);
+  for (const line of help.split('\n').slice(0, 3)) assert.ok(synopsis.includes(squash(line)), `synopsis has: ${line}`);
   // The default connection limit agrees.
   assert.match(help, /default: 256/);
   assert.match(squash(options), /default: 256/);
@@ -432,6 +489,14 @@ test('man page: sections, environment, exit status, examples and differences fro
   for (const file of ['proxy-to-dns.service', 'proxy-to-dns.socket']) {
     for (const line of directives(join(EXAMPLES, 'dns-udp', file))) assert.ok(shown.has(line), `EXAMPLES shows dns-udp/${file}: ${line}`);
   }
+  for (const file of ROUTES_UNITS) {
+    for (const line of directives(join(EXAMPLES, ROUTES, file))) assert.ok(shown.has(line), `EXAMPLES shows routes/${file}: ${line}`);
+  }
+  // The ROUTES section: the grammar, the checks, the log prefix, and the \${PORT} case.
+  const routes = squash(section(text, 'ROUTES'));
+  for (const point of ['NAME=TARGET', 'FileDescriptorName=', 'LISTEN_FDNAMES', 'at most one', 'always a plain', 'given twice', 'matches no socket', '(default):', 'whole process', '${PORT}']) {
+    assert.ok(routes.includes(point), `ROUTES mentions: ${point}`);
+  }
   assert.ok(shown.has('JoinsNamespaceOf=nginx.service'));
 
   // The right Node.js: both ways, shown in EXAMPLES.
@@ -443,7 +508,7 @@ test('man page: sections, environment, exit status, examples and differences fro
   for (const line of directives(join(EXAMPLES, 'idle-exit', 'proxy-to-nginx.socket'))) assert.ok(shown.has(line), line);
   // --listen= serves its sockets in addition to passed ones.
   const listen = squash(section(text, 'OPTIONS'));
-  assert.match(listen, /--listen=ADDRESS Listen on ADDRESS too\b.*Sockets passed in by systemd are served as well/);
+  assert.match(listen, /--listen=\[NAME=\]ADDRESS Listen on ADDRESS too\b.*Sockets passed in by systemd are served as well/);
   assert.ok(!/instead of on sockets/.test(listen));
   // SECURITY
   const security = squash(section(text, 'SECURITY'));
@@ -477,7 +542,7 @@ test('README agrees: the options of --help, and it points to the man page and ex
   assert.ok(readme.includes('man/socket-proxyd.8') && existsSync(MAN_PAGE));
   assert.ok(readme.includes('examples/') && existsSync(EXAMPLES));
   // The example in the README is one of ours, verbatim.
-  const shown = readme.match(/^(ExecStart|Environment)=.*$/gm) ?? [];
+  const shown: string[] = readme.match(/^(ExecStart|Environment)=.*$/gm) ?? [];
   const ours = Object.keys(EXPECTED_FILES).flatMap((dir) => {
     const service = join(EXAMPLES, dir, 'proxy-to-nginx.service');
     const alt = nodeAlternatives(service);
@@ -485,6 +550,11 @@ test('README agrees: the options of --help, and it points to the man page and ex
   });
   const dns = join(EXAMPLES, 'dns-udp', 'proxy-to-dns.service');
   ours.push(`ExecStart=${execStart(dns).join(' ')}`);
+  ours.push(`ExecStart=${execStart(join(EXAMPLES, ROUTES, 'proxy-routes.service')).join(' ')}`);
+  assert.ok(shown.includes(ours.at(-1) as string), "the README shows the routes example's ExecStart=");
+  for (const point of ['FileDescriptorName=', 'LISTEN_FDNAMES', '${PORT}', '(default):', 'given twice', 'matches no socket']) {
+    assert.ok(readme.includes(point), `README on routes mentions ${point}`);
+  }
   for (const line of shown) assert.ok(ours.includes(line), `README's ${line} is one of examples/`);
   // The right Node under systemd: both ways are shown, in the systemd section.
   const systemd = readme.slice(readme.indexOf('## With systemd'), readme.indexOf('\n## ', readme.indexOf('## With systemd') + 1));

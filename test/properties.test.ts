@@ -23,6 +23,7 @@ import fc from 'fast-check';
 import { takeListenFds } from '../src/activation.ts';
 import { formatAddress, parseAddress } from '../src/address.ts';
 import { parseArgv } from '../src/args.ts';
+import { checkRouteName, splitRouteArg } from '../src/route.ts';
 import { EBADF, EINVAL, ENAMETOOLONG, ENOTSOCK, ERANGE, ProxyError } from '../src/errors.ts';
 import { formatTimespan, parseSec, TimespanError, USEC_INFINITY } from '../src/timespan.ts';
 import { fdOf, makeListener, OURS } from './helpers.ts';
@@ -119,7 +120,9 @@ test(`argv: ${RUNS} generated command lines parse or fail with a usage error, ne
       const o = parsed.options;
       assert.ok(Number.isInteger(o.connectionsMax) && o.connectionsMax >= 1 && o.connectionsMax <= 0xffffffff, `connectionsMax ${o.connectionsMax}`);
       assert.ok(o.exitIdleTimeUsec === null || (o.exitIdleTimeUsec >= 0n && o.exitIdleTimeUsec < USEC_INFINITY), 'exit idle time out of range');
-      assert.ok(argv.includes(o.target), 'the target is one of the arguments');
+      assert.ok(o.target === null || argv.includes(o.target), 'the target is one of the arguments');
+      assert.ok(o.target !== null || o.routes.length > 0, 'a default target or a route');
+      for (const r of o.routes) assert.ok(argv.includes(`${r.name}=${r.target}`), 'each route is one of the arguments');
       for (const l of o.listen) assert.equal(typeof l, 'string');
     }),
     params(RUNS),
@@ -317,8 +320,23 @@ function expectedFailure(argv: string[]): { exit: 0 | 1; message: string } | nul
   try {
     const parsed = parseArgv(argv, 'socket-proxyd', {});
     if (parsed.action !== 'run') return { exit: 0, message: '' };
-    parseAddress(parsed.options.target);
-    for (const l of parsed.options.listen) parseAddress(l, true);
+    const o = parsed.options;
+    const several = o.routes.length + (o.target === null ? 0 : 1) > 1;
+    const named = (name: string | null, f: () => unknown): void => {
+      try {
+        f();
+      } catch (e) {
+        if (!several) throw e;
+        throw new Error(`${name ?? '(default)'}: ${(e as Error).message}`);
+      }
+    };
+    if (o.target !== null) named(null, () => parseAddress(o.target as string));
+    for (const r of o.routes) named(r.name, () => parseAddress(r.target));
+    for (const l of o.listen) {
+      const { name, value } = splitRouteArg(l);
+      if (name !== null) checkRouteName(name, `--listen=${l}`);
+      parseAddress(value, true);
+    }
     // Everything parses: with --listen= it would bind and run, which this test does not want.
     if (parsed.options.listen.length > 0) return null;
     return { exit: 1, message: "Didn't get any sockets passed in." };
