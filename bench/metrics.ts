@@ -79,7 +79,9 @@ try {
   // Warm-up, both.
   for (const p of [plain, withMetrics]) await runBounded('wrk', ['-t1', '-c32', '-d1s', `http://127.0.0.1:${p.port}/`], 15_000);
   for (let run = 0; run < RUNS; run++) {
-    for (const [name, p] of [['plain', plain], ['metrics', withMetrics]] as const) {
+    // Alternate which goes first, so that neither always runs right after the other.
+    const pair = [['plain', plain], ['metrics', withMetrics]] as const;
+    for (const [name, p] of run % 2 === 0 ? pair : [pair[1], pair[0]]) {
       let scraping = name === 'metrics';
       const scraper = (async () => {
         while (scraping) {
@@ -137,7 +139,7 @@ const lines = [
   `| requests/s (median of ${RUNS}) | ${rpsPlain.toFixed(0)} | ${rpsMetrics.toFixed(0)} | ${(rpsMetrics / rpsPlain).toFixed(3)} |`,
   `| proxy CPU µs/request (median) | ${cpuPlain.toFixed(1)} | ${cpuMetrics.toFixed(1)} | ${(cpuMetrics / cpuPlain).toFixed(3)} |`,
   '',
-  `- Per-pair ratios (metrics/plain, requests/s): ${ratios.map((r) => r.toFixed(3)).join(' ')}.`,
+  `- Per-pair ratios (metrics/plain, requests/s, each pair run back to back): ${ratios.map((r) => r.toFixed(3)).join(' ')}; their median ${median(ratios).toFixed(3)}.`,
   `- Proxy CPU per scrape, measured on its own (idle proxy, ${SCRAPE_COST_N} scrapes back to back, each a new connection): ${scrapeCpuUs.toFixed(0)} µs. ` +
     `${scrapesPerSec} scrapes a second take ${coreSharePct.toFixed(2)}% of one core: what a proxy that is the bottleneck (one core flat out) loses in throughput at most. ` +
     `This is the steadier figure: CPU time moves much less with other load than throughput does.`,
