@@ -675,6 +675,38 @@ describe('metrics', () => {
     }
   });
 
+  test('with routes every per-route series carries a route label, and promtool still accepts the text', async (t) => {
+    const backend = await startBackend(echo);
+    const path = join(tmp.dir, `metrics-${unique()}.sock`);
+    const p = await startProxy({
+      args: [`--metrics=${path}`, `web=${backend.address}`, `db=${backend.address}`],
+      listen: [{ kind: 'tcp' }, { kind: 'tcp' }],
+      env: { LISTEN_FDNAMES: 'web:db' },
+    });
+    try {
+      for (const [i, l] of p.listeners.entries()) {
+        const c = await connect(l.connectOptions);
+        const r = readAll(c, SLOW);
+        c.end(Buffer.alloc(10 * (i + 1)));
+        assert.equal((await r).data.length, 10 * (i + 1));
+      }
+      await waitFor(() => existsSync(path), SLOW, 'the metrics socket');
+      const body = (await httpGet({ socketPath: path }, '/metrics')).body;
+      const m = samples(body);
+      assert.equal(m.get('socket_proxyd_forwarded_bytes_total{route="web",direction="client_to_backend"}'), 10);
+      assert.equal(m.get('socket_proxyd_forwarded_bytes_total{route="db",direction="backend_to_client"}'), 20);
+      for (const name of m.keys()) {
+        if (name.startsWith('socket_proxyd_') && name !== 'socket_proxyd_connections_max') assert.match(name, /\{route="(web|db)"/, name);
+      }
+      const checked = promtool(body);
+      if (checked.status === -1) t.skip('promtool is not installed (Debian: prometheus)');
+      else assert.deepEqual(checked, { status: 0, output: '' });
+    } finally {
+      await p.stop();
+      await backend.close();
+    }
+  });
+
   test('without --metrics neither metrics.js nor node:http is loaded', async () => {
     const backend = await startBackend(echo);
     const logs = [join(tmp.dir, `modules-${unique()}.txt`), join(tmp.dir, `modules-${unique()}.txt`)];
