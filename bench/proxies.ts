@@ -7,14 +7,15 @@ import { execFileSync } from 'node:child_process';
 import { start, startActivated, sampleUsage, freePort, waitTcpListening, which } from './procs.ts';
 import type { Spawned, Usage } from './procs.ts';
 
-export const PROXY_NAMES = ['ours', 'ours-nagle', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
+export const PROXY_NAMES = ['ours', 'ours-nagle', 'ours-routes', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
 export type ProxyName = (typeof PROXY_NAMES)[number];
 
 /**
  * What runs when --proxies is not given. `ours-nagle` (ours with --nodelay=no) is there to
- * measure what TCP_NODELAY costs and saves, on request only.
+ * measure what TCP_NODELAY costs and saves, `ours-routes` (three routes) what routing by
+ * name costs, on request only.
  */
-export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => n !== 'ours-nagle');
+export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => n !== 'ours-nagle' && n !== 'ours-routes');
 
 export type Target = { kind: 'tcp'; port: number } | { kind: 'unix'; path: string };
 
@@ -98,6 +99,24 @@ const oursNagle: ProxyDef = {
   start: async (t, _dir, connMax) => {
     const s = await startActivated([process.execPath, OURS_CLI, '--nodelay=no', '-c', String(connMax), targetArg(t)]);
     return wrap('ours-nagle', s, s.port, false);
+  },
+};
+
+/**
+ * Ours with three routes (issue 12): the activated socket is named "web" (LISTEN_FDNAMES) and
+ * takes route web=TARGET; routes db= and cache= have sockets of their own (--listen=NAME=,
+ * idle). Every connection then goes through a route of a multi-route proxy (prefixed log
+ * functions, per-route counters): against "ours" (one route), what routing costs.
+ */
+const oursRoutes: ProxyDef = {
+  name: 'ours-routes',
+  activated: true,
+  unavailable: ours.unavailable,
+  start: async (t, _dir, connMax) => {
+    const target = targetArg(t);
+    const argv = [process.execPath, OURS_CLI, '-c', String(connMax), '--listen=db=127.0.0.1:0', '--listen=cache=127.0.0.1:0'];
+    const s = await startActivated([...argv, `web=${target}`, `db=${target}`, `cache=${target}`], { LISTEN_FDNAMES: 'web' });
+    return wrap('ours-routes', s, s.port, false);
   },
 };
 
@@ -215,6 +234,7 @@ const direct: ProxyDef = {
 export const PROXIES: Record<ProxyName, ProxyDef> = {
   ours,
   'ours-nagle': oursNagle,
+  'ours-routes': oursRoutes,
   ref,
   socat,
   haproxy,

@@ -5,7 +5,8 @@
 //                     [--results FILE] [--no-write] [--no-setup] [--profile] [--nice]
 //
 // NAME: bulk, http, newconn, idle, pingpong, coldstart, split.  Proxies: ours, ref, socat,
-// haproxy, nginx-stream, direct (no proxy: a baseline), and on request ours-nagle (ours with
+// haproxy, nginx-stream, direct (no proxy: a baseline), and on request ours-routes (ours with three
+// routes by socket name) and ours-nagle (ours with
 // --nodelay=no).  See bench/README.md.
 import { mkdtempSync, rmSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
