@@ -25,6 +25,7 @@ import {
   type Backend,
   type ListenSpec,
 } from './helpers.ts';
+import { startReceiver } from './notify-helpers.ts';
 
 const tmp = tempDir();
 process.on('exit', () => tmp.cleanup());
@@ -200,6 +201,16 @@ test('start-up errors: one line naming the route or socket, exit 1, nothing boun
     }),
   );
   assert.ok(!existsSync(bound), 'the route check comes before any --listen socket is bound');
+});
+
+test('a route error comes before READY=1: the service manager gets only ERRNO=22', async () => {
+  const address = join(tmp.dir, 'notify.sock');
+  const receiver = await startReceiver(address, 1, 5);
+  const r = await runProxy({ args: ['web=/a', 'wbe=/b'], listen: [{ kind: 'tcp' }], env: { LISTEN_FDNAMES: 'web', NOTIFY_SOCKET: address } });
+  assert.equal(r.code, 1);
+  assert.equal(r.stderr, "Route 'wbe' matches no socket (socket names: 'web').\n");
+  const got = await receiver.done;
+  assert.deepEqual(got.map((d) => d.payload), ['ERRNO=22']);
 });
 
 test('with several routes each line about a connection names its route; with one route, lines are exactly today\'s', async () => {
