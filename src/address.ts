@@ -162,3 +162,12 @@ export function formatAddress(a: Address): string {
   if (a.kind === 'unix') return a.text;
   return a.kind === 'ip' && a.family === 6 ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`;
 }
+
+/**
+ * A peer as the reference's getpeername_pretty() shows it: `a.b.c.d:port` or
+ * `[v6]:port`, an IPv4-mapped address (an IPv4 client on a dual-stack socket) as IPv4.
+ */
+export function formatPeer(address: string, port: number): string {
+  const shown = address.startsWith('::ffff:') && address.includes('.') ? address.slice(7) : address;
+  return shown.includes(':') ? `[${shown}]:${port}` : `${shown}:${port}`;
+}

@@ -29,10 +29,10 @@
 import { lookup, type LookupAddress } from 'node:dns';
 import { Socket } from 'node:net';
 import { getSystemErrorName } from 'node:util';
-import { formatAddress, type Address } from './address.ts';
+import { formatAddress, formatPeer, type Address } from './address.ts';
 import { EINVAL, ProxyError } from './errors.ts';
 import { LOG_DEBUG, LOG_WARNING } from './log.ts';
-import { armIdleTimer, routeFor, type Proxy } from './proxy.ts';
+import { armIdleTimer, disarmIdleTimer, routeFor, type Proxy } from './proxy.ts';
 import { strerror } from './strerror.ts';
 import { uv, type SendReq, type UdpHandle, type UdpPeer } from './uv.ts';
 
@@ -277,11 +277,7 @@ function sendToTarget(flow: Flow, handle: FlowHandle, buf: Buffer): void {
   if (r >= 0) flow.listener.proxy.stats.bytesToBackend += buf.length;
   if (r > 0) return;
   if (r === 0) {
-    req.buffer = buf;
-    req.flow = flow;
-    req.toClient = false;
-    flow.sending = true;
-    sendReq = newSendReq();
+    sendQueued(req, flow, buf, false);
     return;
   }
   // ECONNREFUSED here is the ICMP error of an earlier datagram, reported on this send.
@@ -308,11 +304,7 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
   if (r >= 0) listener.proxy.stats.bytesToClient += buf.length;
   if (r > 0) return;
   if (r === 0) {
-    req.buffer = buf;
-    req.flow = flow;
-    req.toClient = true;
-    flow.replying = true;
-    sendReq = newSendReq();
+    sendQueued(req, flow, buf, true);
     return;
   }
   // The client's address refuses (EPERM from a firewall, EACCES): the flow itself is fine.
@@ -320,6 +312,20 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
   if (proxy.options.logger.maxLevel >= LOG_DEBUG) {
     proxy.log(LOG_DEBUG, `Failed to send a reply to ${clientName(flow)}: ${strerror({ code: getSystemErrorName(r) })}`);
   }
+}
+
+/**
+ * A send libuv queued (the socket buffer was full): the request keeps the buffer alive
+ * until it completes, the flow drops that direction's datagrams until then, and the next
+ * send gets a fresh request.
+ */
+function sendQueued(req: FlowSendReq, flow: Flow, buf: Buffer, toClient: boolean): void {
+  req.buffer = buf;
+  req.flow = flow;
+  req.toClient = toClient;
+  if (toClient) flow.replying = true;
+  else flow.sending = true;
+  sendReq = newSendReq();
 }
 
 /** A queued send finished (or was cancelled by a close). */
@@ -334,10 +340,8 @@ function onSendComplete(this: SendReq): void {
 }
 
 function clientName(flow: Flow): string {
-  const a = flow.address;
   // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; say what the client is.
-  const shown = a.startsWith('::ffff:') && a.includes('.') ? a.slice(7) : a;
-  return shown.includes(':') ? `[${shown}]:${flow.port}` : `${shown}:${flow.port}`;
+  return formatPeer(flow.address, flow.port);
 }
 
 function openFlow(listener: DatagramListener, address: string, port: number): Flow | null {
@@ -372,10 +376,7 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
   byPort.set(port, flow);
   proxy.flows++;
   proxy.stats.flows++;
-  if (proxy.idleTimer !== null) {
-    clearTimeout(proxy.idleTimer);
-    proxy.idleTimer = null;
-  }
+  disarmIdleTimer(proxy);
   if (logger.maxLevel >= LOG_DEBUG) logger.log(LOG_DEBUG, `New flow from ${clientName(flow)}`);
 
   const target = listener.target;

@@ -14,7 +14,7 @@ import { statSync } from 'node:fs';
 import { Server } from 'node:net';
 import { dirname } from 'node:path';
 import { getSystemErrorName } from 'node:util';
-import { formatAddress, type Address } from './address.ts';
+import { formatAddress, formatPeer, type Address } from './address.ts';
 import { MSG_NOT_STREAM } from './activation.ts';
 import { EINVAL, ENOTSOCK, ProxyError } from './errors.ts';
 import {
@@ -315,10 +315,7 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
   }
   route.stats.accepted++;
   route.open++;
-  if (proxy.idleTimer !== null) {
-    clearTimeout(proxy.idleTimer);
-    proxy.idleTimer = null;
-  }
+  disarmIdleTimer(proxy);
   // One setsockopt per accepted socket. A failure (the peer already reset) costs only
   // timing, and the connection's first read or write reports the real error.
   if (this[kNoDelay] === true) (handle as TcpHandle).setNoDelay(true);
@@ -328,8 +325,7 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
 function peerName(handle: StreamHandle): string {
   const out: Record<string, unknown> = {};
   if (handle.getpeername !== undefined && handle.getpeername(out) === 0 && typeof out.address === 'string') {
-    const address = out.address.startsWith('::ffff:') && out.address.includes('.') ? out.address.slice(7) : out.address;
-    return out.family === 'IPv6' && address.includes(':') ? `[${address}]:${String(out.port)}` : `${address}:${String(out.port)}`;
+    return formatPeer(out.address, out.port as number);
   }
   return 'a UNIX socket';
 }
@@ -381,6 +377,13 @@ export function armIdleTimer(proxy: Proxy): void {
   proxy.idleTimer = setTimeout(onIdleTimer, Math.min(ms, MAX_TIMER_MS), proxy);
 }
 
+/** A new connection or flow: the proxy is not idle any more. */
+export function disarmIdleTimer(proxy: Proxy): void {
+  if (proxy.idleTimer === null) return;
+  clearTimeout(proxy.idleTimer);
+  proxy.idleTimer = null;
+}
+
 function onIdleTimer(proxy: Proxy): void {
   proxy.idleTimer = null;
   if (proxy.connections.size > 0 || proxy.flows > 0 || proxy.closed) return;
@@ -400,8 +403,7 @@ function onIdleTimer(proxy: Proxy): void {
 function stopAccepting(proxy: Proxy): void {
   if (proxy.closed) return;
   proxy.closed = true;
-  if (proxy.idleTimer !== null) clearTimeout(proxy.idleTimer);
-  proxy.idleTimer = null;
+  disarmIdleTimer(proxy);
   for (const server of proxy.servers) server.close();
   proxy.stopDatagrams?.();
 }
