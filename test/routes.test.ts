@@ -316,3 +316,33 @@ test('--connections-max is one cap across all routes; --metrics= counts per rout
     await b.close();
   }
 });
+
+test('--exit-idle-time counts connections on every route: an open connection on one route keeps the proxy up', async () => {
+  const a = await tagged('a');
+  const b = await tagged('b');
+  try {
+    const p = await startProxy({
+      args: ['--exit-idle-time=300ms', `a=${a.address}`, `b=${b.address}`],
+      listen: [{ kind: 'tcp' }, { kind: 'tcp' }],
+      env: { LISTEN_FDNAMES: 'a:b' },
+    });
+    try {
+      const s = await connect(p.listeners[1]!.connectOptions);
+      const [d] = (await once(s, 'data')) as [Buffer];
+      assert.equal(d.toString(), 'b\n');
+      // Well past the idle time, with the one connection (on route b) still open: still running.
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(p.child.exitCode, null, `exited while route b had a connection: ${p.stderr()}`);
+      s.destroy();
+      const timer = setTimeout(() => p.child.kill('SIGKILL'), 5000);
+      const { code, signal } = await p.exited;
+      clearTimeout(timer);
+      assert.deepEqual({ code, signal }, { code: 0, signal: null }, 'idle exit once the last connection closed');
+    } finally {
+      await p.stop();
+    }
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
