@@ -40,11 +40,37 @@ function refuseOldNode(): void {
     });
 }
 
+/**
+ * Where Node's compile cache may live, or null for none. The cache is V8 code loaded from
+ * disk: whoever can write its directory can run code as us (under systemd, often root).
+ * Node's default, os.tmpdir()/node-compile-cache, is a name in /tmp that any user can
+ * create first, and Node uses it whoever owns it. So: the default only if it is a real
+ * directory of ours that nobody else can write (made so if missing); otherwise no cache.
+ * NODE_COMPILE_CACHE / NODE_DISABLE_COMPILE_CACHE in the environment are the user's call.
+ */
+function compileCacheDir(): string | undefined | null {
+  if (process.env.NODE_COMPILE_CACHE || process.env.NODE_DISABLE_COMPILE_CACHE) return undefined;
+  const fs = process.getBuiltinModule('node:fs');
+  const dir = process.getBuiltinModule('node:path').join(process.getBuiltinModule('node:os').tmpdir(), 'node-compile-cache');
+  try {
+    fs.mkdirSync(dir, { mode: 0o700 });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return null;
+  }
+  try {
+    const st = fs.lstatSync(dir);
+    return st.isDirectory() && st.uid === process.geteuid!() && (st.mode & 0o022) === 0 ? dir : null;
+  } catch (err) {
+    return null;
+  }
+}
+
 if (nodeTooOld(process.versions.node)) {
   refuseOldNode();
 } else {
   // Node's compile cache makes repeated starts cheaper; enabled before the rest is loaded.
-  process.getBuiltinModule('node:module').enableCompileCache();
+  const cacheDir = compileCacheDir();
+  if (cacheDir !== null) process.getBuiltinModule('node:module').enableCompileCache(cacheDir);
   import('./main.ts').then(function (m) {
     return m.main(process.argv.slice(2));
   });

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { OURS, ROOT, echo, roundTrip, runProxy, startBackend, startProxy, tempDir, waitFor } from './helpers.ts';
@@ -80,6 +80,43 @@ test('Node.js version check: the boundary is engines exactly; journal priority <
     env: { PATH: process.env.PATH ?? '/usr/bin:/bin', JOURNAL_STREAM: devIno },
   });
   assert.equal(readFileSync(log, 'utf8'), `<3>${tooOldLine(old, process.execPath)}`);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Node's compile cache: V8 code loaded from disk, so never from a directory another user can write
+
+test('compile cache: made writable by us alone in a fresh TMPDIR; a node-compile-cache dir others can write, or a symlink, is not used', () => {
+  const cacheFiles = (dir: string): string[] => readdirSync(dir, { recursive: true }).map(String);
+  // A fresh TMPDIR: the cache directory is made, writable by us alone, and filled (the speed-up stays).
+  const fresh = join(tmp.dir, 'cc-fresh');
+  mkdirSync(fresh);
+  const r = runCli(process.execPath, ['--version'], { TMPDIR: fresh });
+  assert.equal(r.status, 0, r.stderr);
+  const made = lstatSync(join(fresh, 'node-compile-cache'));
+  assert.ok(made.isDirectory());
+  assert.equal(made.uid, process.getuid?.());
+  assert.equal(made.mode & 0o022, 0, `mode ${(made.mode & 0o777).toString(8)}`);
+  assert.ok(cacheFiles(join(fresh, 'node-compile-cache')).length > 0, 'the cache is used');
+  // Made first by someone else in a shared /tmp: world-writable (and, as root, another
+  // user's). Whoever can write there could plant code that runs as the proxy's user.
+  const planted = join(tmp.dir, 'cc-planted');
+  const theirs = join(planted, 'node-compile-cache');
+  mkdirSync(theirs, { recursive: true });
+  chmodSync(theirs, 0o777);
+  if (process.getuid?.() === 0) chownSync(theirs, 65534, 65534);
+  const r2 = runCli(process.execPath, ['--version'], { TMPDIR: planted });
+  assert.equal(r2.status, 0, r2.stderr);
+  assert.match(r2.stdout, /^socket-proxyd \d/);
+  assert.deepEqual(cacheFiles(theirs), [], 'nothing read from or written into a directory others can write');
+  // A symlink in its place is not followed.
+  const linked = join(tmp.dir, 'cc-link');
+  const elsewhere = join(tmp.dir, 'cc-elsewhere');
+  mkdirSync(linked);
+  mkdirSync(elsewhere, { mode: 0o700 });
+  symlinkSync(elsewhere, join(linked, 'node-compile-cache'));
+  const r3 = runCli(process.execPath, ['--version'], { TMPDIR: linked });
+  assert.equal(r3.status, 0, r3.stderr);
+  assert.deepEqual(cacheFiles(elsewhere), [], 'the symlink was not followed');
 });
 
 // ---------------------------------------------------------------------------------------------
