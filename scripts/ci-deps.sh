@@ -6,7 +6,7 @@
 #   bench peers: socat, wrk, iperf3, nginx's stream module
 #   network namespaces and SYN drops: iproute2, nftables
 #   arm64 notify addon: qemu-user-static (runs the arm64 node), gcc-aarch64-linux-gnu,
-#     libc6-arm64-cross, libstdc++6-arm64-cross
+#     libc6-dev-arm64-cross, libc6-arm64-cross, libstdc++6-arm64-cross
 set -eu
 
 need=""
@@ -33,6 +33,9 @@ want nft nftables
 want ss iproute2
 want qemu-aarch64-static qemu-user-static
 want aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+# the arm64 libc headers native/build.sh --arch=arm64 compiles against: gcc-aarch64-linux-gnu
+# only recommends them, and --no-install-recommends below leaves them out
+want /usr/aarch64-linux-gnu/include/stdint.h libc6-dev-arm64-cross
 # the arm64 Node's loader and C++ runtime under qemu (the Node itself: scripts/fetch-node-arm64.sh)
 want /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 libc6-arm64-cross
 want /usr/aarch64-linux-gnu/lib/libstdc++.so.6 libstdc++6-arm64-cross
