@@ -23,7 +23,7 @@ export interface Options {
   drainTimeoutUsec: bigint | null; // --drain-timeout=: 0n = no drain (the default), null = wait without limit
   metrics: string | null; // --metrics=ADDRESS (raw; parsed by the caller), default null
   noDelay: boolean; // --nodelay=BOOL (our extension): TCP_NODELAY on TCP sockets, default true
-  /** --listen-datagram=ADDR values in order (UDP, our extension); absent when not given. */
+  /** --listen-datagram=[NAME=]ADDR values in order, raw (UDP, our extension); absent when not given. */
   listenDatagram?: string[];
   /** --idle-timeout=SPAN in µs; null = infinity; absent = not given (datagram flows: 60 s). */
   idleTimeoutUsec?: bigint | null;
@@ -382,10 +382,11 @@ plain TARGET takes every other socket.
                           it on loopback or a UNIX socket
      --nodelay=BOOL       Set TCP_NODELAY on the TCP sockets of each connection,
                           so small writes are not delayed (default: yes)
-     --listen-datagram=ADDRESS
+     --listen-datagram=[NAME=]ADDRESS
                           Also receive UDP datagrams on ADDRESS (PORT,
                           HOST:PORT or [IPv6]:PORT) and forward them, one flow
-                          per client; may be repeated
+                          per client; may be repeated; NAME= names the socket
+                          for routes
      --idle-timeout=SPAN  End a UDP flow after this long without a datagram
                           either way (default: 60s)
   -h --help               Show this help

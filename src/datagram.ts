@@ -33,6 +33,7 @@ import { formatAddress, formatPeer, type Address } from './address.ts';
 import { EINVAL, ProxyError } from './errors.ts';
 import { LOG_DEBUG, LOG_WARNING } from './log.ts';
 import { armIdleTimer, disarmIdleTimer, routeFor, type Proxy } from './proxy.ts';
+import type { Route } from './route.ts';
 import { strerror } from './strerror.ts';
 import { uv, type SendReq, type UdpHandle, type UdpPeer } from './uv.ts';
 
@@ -50,12 +51,19 @@ const kFlow = Symbol('socket-proxyd.flow');
 /** One datagram socket we serve. */
 export interface DatagramListener {
   readonly proxy: Proxy;
+  /**
+   * The route its name picked (as for a stream socket): its target, its counters
+   * (route.stats) and its log prefix serve every flow of this socket.
+   */
+  readonly route: Route;
   readonly handle: ListenHandle;
   /** The socket's family: replies go out with send6() on AF_INET6 (client addresses may be ::ffff:a.b.c.d). */
   readonly ipv6: boolean;
   readonly target: Address;
   /** Flows by client address, then port (no key string built per datagram). */
   readonly flows: Map<string, Map<number, Flow>>;
+  /** Flows of this socket open now (the sum of the inner maps' sizes, kept as it changes). */
+  open: number;
 }
 
 interface ListenHandle extends UdpHandle {
@@ -174,8 +182,8 @@ export function isUdpFd(fd: number): boolean {
  * socket itself (getsockname), not guessed: /proc/net would miss a socket made in
  * another network namespace.
  */
-export function listenDatagramOnFd(proxy: Proxy, fd: number, target: Address = routeFor(proxy, null).target): DatagramListener {
-  checkTarget(target);
+export function listenDatagramOnFd(proxy: Proxy, fd: number, route: Route = routeFor(proxy, null)): DatagramListener {
+  checkTarget(route.target);
   const handle = new uv.UDP() as ListenHandle;
   let err = handle.open(fd);
   const out: Record<string, unknown> = {};
@@ -184,16 +192,19 @@ export function listenDatagramOnFd(proxy: Proxy, fd: number, target: Address = r
     handle.close();
     throw new ProxyError('ERR_LISTEN', `Failed to use the datagram socket passed in: ${strerror({ code: getSystemErrorName(err) })}`, -err);
   }
-  return startListener(proxy, handle, out.family === 'IPv6', target);
+  return startListener(proxy, handle, out.family === 'IPv6', route);
 }
 
-/** Bind a UDP socket ourselves (--listen-datagram=). IPv6 sockets are dual-stack. */
+/**
+ * Bind a UDP socket ourselves (--listen-datagram=[NAME=]ADDRESS): `route` is the one its
+ * NAME picked (the default route without one). IPv6 sockets are dual-stack.
+ */
 export async function listenDatagramOnAddress(
   proxy: Proxy,
   address: Address,
-  target: Address = routeFor(proxy, null).target,
+  route: Route = routeFor(proxy, null),
 ): Promise<DatagramListener> {
-  checkTarget(target);
+  checkTarget(route.target);
   const describe = (why: string, errno: number): ProxyError =>
     new ProxyError('ERR_LISTEN', `Failed to listen on datagram address ${formatAddress(address)}: ${why}`, errno);
   if (address.kind === 'unix') throw describe('UNIX datagram sockets are not supported.', EINVAL);
@@ -212,13 +223,13 @@ export async function listenDatagramOnAddress(
     handle.close();
     throw describe(strerror({ code: getSystemErrorName(err) }), -err);
   }
-  return startListener(proxy, handle, family === 6, target);
+  return startListener(proxy, handle, family === 6, route);
 }
 
-function startListener(proxy: Proxy, handle: ListenHandle, ipv6: boolean, target: Address): DatagramListener {
+function startListener(proxy: Proxy, handle: ListenHandle, ipv6: boolean, route: Route): DatagramListener {
   const state = stateOf(proxy);
   sendReq ??= newSendReq();
-  const listener: DatagramListener = { proxy, handle, ipv6, target, flows: new Map() };
+  const listener: DatagramListener = { proxy, route, handle, ipv6, target: route.target, flows: new Map(), open: 0 };
   handle[kListener] = listener;
   handle.onmessage = onClientMessage;
   // Datagrams already queued (the one that made systemd start us) are read in the next poll.
@@ -230,7 +241,7 @@ function startListener(proxy: Proxy, handle: ListenHandle, ipv6: boolean, target
   state.listeners.push(listener);
   if (proxy.options.logger.maxLevel >= LOG_DEBUG) {
     const a = datagramAddress(listener);
-    proxy.log(LOG_DEBUG, `Receiving datagrams on ${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`);
+    route.log(LOG_DEBUG, `Receiving datagrams on ${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`);
   }
   return listener;
 }
@@ -247,9 +258,8 @@ function onClientMessage(nread: number, handle: UdpHandle, buf?: Buffer, rinfo?:
   const listener = (handle as ListenHandle)[kListener];
   if (nread < 0 || buf === undefined || rinfo === undefined) {
     // An unconnected socket reports nothing per peer; whatever this is, the socket goes on.
-    const proxy = listener.proxy;
-    if (proxy.options.logger.maxLevel >= LOG_DEBUG) {
-      proxy.log(LOG_DEBUG, `Failed to receive a datagram: ${strerror({ code: getSystemErrorName(nread) })}`);
+    if (listener.proxy.options.logger.maxLevel >= LOG_DEBUG) {
+      listener.route.log(LOG_DEBUG, `Failed to receive a datagram: ${strerror({ code: getSystemErrorName(nread) })}`);
     }
     return;
   }
@@ -274,7 +284,7 @@ function sendToTarget(flow: Flow, handle: FlowHandle, buf: Buffer): void {
   LIST[0] = buf;
   const r = handle.send(req, LIST, 1, true);
   LIST[0] = EMPTY;
-  if (r >= 0) flow.listener.proxy.stats.bytesToBackend += buf.length;
+  if (r >= 0) flow.listener.route.stats.bytesToBackend += buf.length;
   if (r > 0) return;
   if (r === 0) {
     sendQueued(req, flow, buf, false);
@@ -301,16 +311,15 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
     ? listener.handle.send6(req, LIST, 1, flow.port, flow.address, true)
     : listener.handle.send(req, LIST, 1, flow.port, flow.address, true);
   LIST[0] = EMPTY;
-  if (r >= 0) listener.proxy.stats.bytesToClient += buf.length;
+  if (r >= 0) listener.route.stats.bytesToClient += buf.length;
   if (r > 0) return;
   if (r === 0) {
     sendQueued(req, flow, buf, true);
     return;
   }
   // The client's address refuses (EPERM from a firewall, EACCES): the flow itself is fine.
-  const proxy = listener.proxy;
-  if (proxy.options.logger.maxLevel >= LOG_DEBUG) {
-    proxy.log(LOG_DEBUG, `Failed to send a reply to ${clientName(flow)}: ${strerror({ code: getSystemErrorName(r) })}`);
+  if (listener.proxy.options.logger.maxLevel >= LOG_DEBUG) {
+    listener.route.log(LOG_DEBUG, `Failed to send a reply to ${clientName(flow)}: ${strerror({ code: getSystemErrorName(r) })}`);
   }
 }
 
@@ -348,8 +357,9 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
   const proxy = listener.proxy;
   const state = stateOf(proxy);
   if (proxy.closed) return null;
+  const route = listener.route;
   if (proxy.connections.size + proxy.flows >= proxy.options.connectionsMax) {
-    capReached(state);
+    capReached(state, route);
     return null;
   }
   const logger = proxy.options.logger;
@@ -374,10 +384,11 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
     listener.flows.set(address, byPort);
   }
   byPort.set(port, flow);
+  listener.open++;
   proxy.flows++;
-  proxy.stats.flows++;
+  route.stats.flows++;
   disarmIdleTimer(proxy);
-  if (logger.maxLevel >= LOG_DEBUG) logger.log(LOG_DEBUG, `New flow from ${clientName(flow)}`);
+  if (logger.maxLevel >= LOG_DEBUG) route.log(LOG_DEBUG, `New flow from ${clientName(flow)}`);
 
   const target = listener.target;
   if (target.kind === 'ip') {
@@ -389,7 +400,7 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
       return null;
     }
   } else if (target.kind === 'name') {
-    if (logger.maxLevel >= LOG_DEBUG) logger.log(LOG_DEBUG, `Looking up address info for ${target.host}:${target.port}`);
+    if (logger.maxLevel >= LOG_DEBUG) route.log(LOG_DEBUG, `Looking up address info for ${target.host}:${target.port}`);
     (proxy.options.lookup ?? lookup)(target.host, LOOKUP_OPTIONS, (err, addresses) => resolvedFlow(flow, err, addresses));
   }
   return flow;
@@ -400,9 +411,8 @@ const LOOKUP_OPTIONS = { all: true, order: 'verbatim' } as const;
 /** A host-name target resolved: take the first address a socket can be connected to, in order. */
 function resolvedFlow(flow: Flow, err: NodeJS.ErrnoException | null, addresses: LookupAddress[]): void {
   if (flow.closed) return;
-  const proxy = flow.listener.proxy;
   if (err !== null || addresses.length === 0) {
-    proxy.log(LOG_WARNING, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
+    flow.listener.route.log(LOG_WARNING, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
     endFlow(flow, 0);
     return;
   }
@@ -443,23 +453,25 @@ function endFlow(flow: Flow, err: number): void {
   flow.early = null;
   const listener = flow.listener;
   const proxy = listener.proxy;
+  const route = listener.route;
   const byPort = listener.flows.get(flow.address);
   if (byPort !== undefined) {
     byPort.delete(flow.port);
     if (byPort.size === 0) listener.flows.delete(flow.address);
   }
   if (flow.handle !== null) flow.handle.close();
+  listener.open--;
   proxy.flows--;
   if (err !== 0) {
     const why = strerror({ code: getSystemErrorName(err) });
     if (err === ECONNREFUSED_UV) {
       // The target has no one on that port (ICMP port unreachable): routine for UDP, so debug only.
-      if (proxy.options.logger.maxLevel >= LOG_DEBUG) proxy.log(LOG_DEBUG, `Target refused the flow from ${clientName(flow)}: ${why}`);
+      if (proxy.options.logger.maxLevel >= LOG_DEBUG) route.log(LOG_DEBUG, `Target refused the flow from ${clientName(flow)}: ${why}`);
     } else {
-      proxy.log(LOG_WARNING, `Failed to forward datagrams from ${clientName(flow)}: ${why}`);
+      route.log(LOG_WARNING, `Failed to forward datagrams from ${clientName(flow)}: ${why}`);
     }
   } else if (proxy.options.logger.maxLevel >= LOG_DEBUG) {
-    proxy.log(LOG_DEBUG, `Flow from ${clientName(flow)} closed`);
+    route.log(LOG_DEBUG, `Flow from ${clientName(flow)} closed`);
   }
   const state = stateOf(proxy);
   if (proxy.flows === 0 && state.sweepTimer !== null) {
@@ -472,7 +484,11 @@ function endFlow(flow: Flow, err: number): void {
 /** libuv's UV_ECONNREFUSED on Linux. */
 const ECONNREFUSED_UV = -111;
 
-function capReached(state: DatagramState): void {
+/**
+ * One rate limit for the whole process (a flood on any socket must not flood the
+ * journal); the line names the route of the datagram that triggered it.
+ */
+function capReached(state: DatagramState, route: Route): void {
   const t = performance.now();
   if (t - state.lastCapWarning < CAP_WARNING_MS) {
     state.droppedAtCap++;
@@ -481,12 +497,24 @@ function capReached(state: DatagramState): void {
   const more = state.droppedAtCap;
   state.lastCapWarning = t;
   state.droppedAtCap = 0;
-  state.proxy.log(
+  route.log(
     LOG_WARNING,
     more === 0
       ? 'Hit connection limit, dropping datagram from new client.'
       : `Hit connection limit, dropping datagram from new client (and ${more} more since the last warning).`,
   );
+}
+
+/**
+ * Datagram flows of `route` open now (metrics' per-route gauge): a sum over its sockets,
+ * read only when somebody asks.
+ */
+export function openFlows(proxy: Proxy, route: Route): number {
+  const state = states.get(proxy);
+  if (state === undefined) return 0;
+  let n = 0;
+  for (const listener of state.listeners) if (listener.route === route) n += listener.open;
+  return n;
 }
 
 /** Once per sweep period while flows exist: end the flows idle for longer than the span. */

@@ -17,7 +17,7 @@ import { assignRoutes, checkRouteName, DEFAULT_ROUTE_LABEL, splitRouteArg, type 
 import { statisticsLine, statusSummary, type Stats } from './stats.ts';
 import { strerror } from './strerror.ts';
 import { formatTimespan } from './timespan.ts';
-import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd } from './datagram.ts';
+import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd, openFlows } from './datagram.ts';
 
 type NotifyModule = typeof import('./notify.ts');
 type MetricsModule = typeof import('./metrics.ts');
@@ -273,14 +273,11 @@ async function serveMetrics(p: Proxy, address: Address, log: Logger): Promise<vo
 
 /**
  * One sample per route, labelled by route name ("(default)" for the default) once there
- * are several; datagram flows (counted per process, not per route yet) then get their own
- * sample, labelled "(datagram)", once there has been one.
+ * are several. A route's datagram flows count in its own sample, as its connections do.
  */
 function metricsSamples(p: Proxy): { route: string | null; stats: Stats; open: number; flows: number }[] {
   if (p.routes.length === 1) return [{ route: null, stats: totalStats(p), open: p.connections.size, flows: p.flows }];
-  const samples = p.routes.map((r) => ({ route: r.name ?? DEFAULT_ROUTE_LABEL, stats: r.stats, open: r.open, flows: 0 }));
-  if (p.stats.flows > 0) samples.push({ route: '(datagram)', stats: p.stats, open: 0, flows: p.flows });
-  return samples;
+  return p.routes.map((r) => ({ route: r.name ?? DEFAULT_ROUTE_LABEL, stats: r.stats, open: r.open, flows: openFlows(p, r) }));
 }
 
 /**
@@ -296,17 +293,25 @@ function parseTarget(text: string, name: string | null, several: boolean): Addre
   }
 }
 
-/** One --listen=[NAME=]ADDRESS. */
+/** One --listen=[NAME=]ADDRESS or --listen-datagram=[NAME=]ADDRESS. */
 interface ListenArg {
   readonly name: string | null;
   readonly address: Address;
   readonly text: string;
 }
 
-function parseListen(text: string): ListenArg {
+function parseListenAs(option: string, text: string): ListenArg {
   const { name, value } = splitRouteArg(text);
-  if (name !== null) checkRouteName(name, `--listen=${text}`);
+  if (name !== null) checkRouteName(name, `${option}=${text}`);
   return { name, address: parseListenAddress(value), text };
+}
+
+function parseListen(text: string): ListenArg {
+  return parseListenAs('--listen', text);
+}
+
+function parseListenDatagram(text: string): ListenArg {
+  return parseListenAs('--listen-datagram', text);
 }
 
 function errnoOf(err: unknown): number {
@@ -329,7 +334,7 @@ export async function main(argv: string[]): Promise<void> {
   let routes: { name: string; target: Address }[];
   let listen: ListenArg[];
   let metricsAddress: Address | null;
-  let listenDatagram: Address[];
+  let listenDatagram: ListenArg[];
   try {
     const parsed = parseArgv(argv, programName(), env);
     if (parsed.action === 'help') {
@@ -347,7 +352,7 @@ export async function main(argv: string[]): Promise<void> {
     listen = options.listen.map(parseListen);
     metricsAddress = options.metrics === null ? null : parseListenAddress(options.metrics);
     drainTimeoutUsec = options.drainTimeoutUsec;
-    listenDatagram = (options.listenDatagram ?? []).map(parseListenAddress);
+    listenDatagram = (options.listenDatagram ?? []).map(parseListenDatagram);
   } catch (err) {
     fail(log, err);
   }
@@ -360,7 +365,7 @@ export async function main(argv: string[]): Promise<void> {
     const sockets: SocketSpec[] = [
       ...fds.map((f) => ({ name: f.name, where: `fd ${f.fd}` })),
       ...listen.map((l) => ({ name: l.name ?? undefined, where: `--listen=${l.text}` })),
-      ...listenDatagram.map((a) => ({ name: undefined, where: `--listen-datagram=${a.text}` })),
+      ...listenDatagram.map((l) => ({ name: l.name ?? undefined, where: `--listen-datagram=${l.text}` })),
     ];
     assignRoutes([...(target === null ? [] : [{ name: null }]), ...routes], sockets);
     started = proxy = createProxy({
@@ -381,7 +386,7 @@ export async function main(argv: string[]): Promise<void> {
         // Not a listening stream socket: serve it if it is a UDP one (ListenDatagram=),
         // otherwise keep the reference's refusal. Its name picks its target, as for streams.
         if (!(err instanceof ProxyError && err.code === 'ERR_NOT_STREAM' && isUdpFd(fd))) throw err;
-        listenDatagramOnFd(started, fd, routeFor(started, name).target);
+        listenDatagramOnFd(started, fd, routeFor(started, name));
       }
     }
     for (const { address, name } of listen) {
@@ -390,7 +395,7 @@ export async function main(argv: string[]): Promise<void> {
       await listenOnAddress(started, address, undefined, name);
       if (path !== null) boundPaths.push(path);
     }
-    for (const address of listenDatagram) await listenDatagramOnAddress(started, address);
+    for (const { address, name } of listenDatagram) await listenDatagramOnAddress(started, address, routeFor(started, name));
     if (metricsAddress !== null) await serveMetrics(started, metricsAddress, log);
   } catch (err) {
     fail(log, err);

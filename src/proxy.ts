@@ -79,7 +79,7 @@ export interface Proxy {
   readonly routes: Route[];
   /** Lines about the process rather than one route's connection (datagram.ts logs here). */
   readonly log: (level: number, message: string) => void;
-  /** Counters not kept per route (datagram flows, datagram.ts); totalStats() adds the routes'. */
+  /** Counters not kept per route (none today: datagram flows count per route too); totalStats() adds the routes'. */
   readonly stats: Stats;
   readonly servers: Server[];
   readonly connections: Set<Connection>;

@@ -556,10 +556,11 @@ plain TARGET takes every other socket.
                           it on loopback or a UNIX socket
      --nodelay=BOOL       Set TCP_NODELAY on the TCP sockets of each connection,
                           so small writes are not delayed (default: yes)
-     --listen-datagram=ADDRESS
+     --listen-datagram=[NAME=]ADDRESS
                           Also receive UDP datagrams on ADDRESS (PORT,
                           HOST:PORT or [IPv6]:PORT) and forward them, one flow
-                          per client; may be repeated
+                          per client; may be repeated; NAME= names the socket
+                          for routes
      --idle-timeout=SPAN  End a UDP flow after this long without a datagram
                           either way (default: 60s)
   -h --help               Show this help

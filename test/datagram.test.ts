@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
+import { get as httpGet } from 'node:http';
 import { createConnection, type Socket } from 'node:net';
 import { join } from 'node:path';
 import {
@@ -429,6 +430,98 @@ describe('UDP: datagrams forwarded, one flow per client', () => {
       assert.equal(r3.stderr, 'Failed to listen on datagram address /run/x.sock: UNIX datagram sockets are not supported.\n');
     } finally {
       listen.close();
+    }
+  });
+});
+
+/** A UDP backend that answers every datagram with "TAG:" + the datagram. */
+async function udpTagged(tag: string): Promise<UdpSocket> {
+  const s = await bound('udp4', '127.0.0.1');
+  s.on('message', (m, r) => s.send(Buffer.concat([Buffer.from(`${tag}:`), m]), r.port, r.address));
+  return s;
+}
+
+function scrapeUnix(socketPath: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    httpGet({ socketPath, path: '/metrics' }, (res) => {
+      let body = '';
+      res.setEncoding('utf8').on('data', (d: string) => (body += d));
+      res.on('end', () => resolve(body));
+    }).on('error', reject);
+  });
+}
+
+describe('UDP: datagram sockets take routes like stream sockets', () => {
+  test('ListenDatagram= by its name and --listen-datagram=NAME=ADDRESS each reach their own target; log prefix and counters per route', async () => {
+    const [a, b, d] = [await udpTagged('a'), await udpTagged('b'), await udpTagged('default')];
+    const passed = await bound('udp4', '127.0.0.1');
+    const passedPort = portOf(passed);
+    const tmp = tempDir();
+    const metrics = join(tmp.dir, 'metrics.sock');
+    const p = await startWithFds(
+      [`--metrics=${metrics}`, '--listen-datagram=b=127.0.0.1:0', '--listen-datagram=127.0.0.1:0', `a=${target(a)}`, `b=${target(b)}`, target(d)],
+      [passed],
+      { ...DEBUG, LISTEN_FDNAMES: 'a' },
+    );
+    const clients: Client[] = [];
+    try {
+      await ready(p, 3);
+      const portB = Number(/^b: Receiving datagrams on 127\.0\.0\.1:([0-9]+)$/m.exec(p.stderr())?.[1]);
+      const portD = Number(/^\(default\): Receiving datagrams on 127\.0\.0\.1:([0-9]+)$/m.exec(p.stderr())?.[1]);
+      assert.ok(portB > 0 && portD > 0, p.stderr());
+      const cases = [
+        { route: 'a', port: passedPort, clients: 1, payload: 'to a' },
+        { route: 'b', port: portB, clients: 2, payload: 'to b!' },
+        { route: '(default)', port: portD, clients: 1, payload: 'to the default' },
+      ];
+      const sent = new Map<string, number>();
+      for (const c of cases) {
+        for (let i = 0; i < c.clients; i++) {
+          const cl = await client();
+          clients.push(cl);
+          const reply = await ask(cl, Buffer.from(c.payload), c.port, '127.0.0.1');
+          const tag = c.route === '(default)' ? 'default' : c.route;
+          assert.equal(reply.toString(), `${tag}:${c.payload}`, `route ${c.route} reached its own target`);
+          const me = `127\\.0\\.0\\.1:${cl.sock.address().port}`;
+          const prefix = c.route.replace(/[()]/g, '\\$&');
+          assert.match(p.stderr(), new RegExp(`^${prefix}: New flow from ${me}$`, 'm'));
+          sent.set(c.route, (sent.get(c.route) ?? 0) + c.payload.length);
+        }
+      }
+      // Every flow line carries its route; none is unprefixed.
+      for (const line of p.stderr().split('\n').filter((l) => l.includes('flow'))) assert.match(line, /^(a|b|\(default\)): /, line);
+      await waitFor(() => existsSync(metrics), 5000, 'the metrics socket');
+      const body = (await scrapeUnix(metrics)).split('\n');
+      for (const c of cases) {
+        const label = `route="${c.route}"`;
+        for (const line of [
+          `socket_proxyd_datagram_flows_total{${label}} ${c.clients}`,
+          `socket_proxyd_datagram_flows_open{${label}} ${c.clients}`,
+          `socket_proxyd_forwarded_bytes_total{${label},direction="client_to_backend"} ${sent.get(c.route)}`,
+        ]) {
+          assert.ok(body.includes(line), `${line} in:\n${body.join('\n')}`);
+        }
+      }
+      assert.ok(!body.some((l) => l.includes('(datagram)')), 'no catch-all series');
+    } finally {
+      for (const c of clients) c.sock.close();
+      for (const s of [a, b, d]) s.close();
+      await p.stop();
+      tmp.cleanup();
+    }
+  });
+
+  test('--listen-datagram=NAME=: bad names, a name without a route and a route without a socket fail start-up in one line', async () => {
+    const cases: [string[], string][] = [
+      [['--listen-datagram==127.0.0.1:0', '127.0.0.1:53'], "Invalid route '--listen-datagram==127.0.0.1:0': empty name (names follow FileDescriptorName= rules).\n"],
+      [['--listen-datagram=dns=127.0.0.1:0', 'web=127.0.0.1:80'], "No route for socket 'dns' (--listen-datagram=dns=127.0.0.1:0): give dns=TARGET, or a plain TARGET as the default route.\n"],
+      [['--listen-datagram=dns=127.0.0.1:0', 'dns=127.0.0.1:53', 'web=127.0.0.1:80'], "Route 'web' matches no socket (socket names: 'dns').\n"],
+      [['--listen-datagram=dns=127.0.0.1:0', 'dns=/run/dns.sock', '127.0.0.1:53'], 'Cannot forward datagrams to the UNIX socket /run/dns.sock: a datagram socket needs a HOST:PORT target.\n'],
+    ];
+    for (const [args, want] of cases) {
+      const r = await runProxy({ args });
+      assert.equal(r.code, 1, args.join(' '));
+      assert.equal(r.stderr, want, args.join(' '));
     }
   });
 });
