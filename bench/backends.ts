@@ -45,12 +45,17 @@ export async function startEcho(unixPath = '', split = false): Promise<Backend> 
   throw new Error(`echo backend did not start: ${s.stderr()}`);
 }
 
-/** nginx serving a small fixed response, on 127.0.0.1:port and on a UNIX socket. */
-export async function startNginxHttp(dir: string): Promise<Backend> {
+/**
+ * nginx serving a small fixed response, on 127.0.0.1:port and on a UNIX socket; and the same on
+ * ppPort and ppUnixPath, where it expects a PROXY protocol header first (for ours-pp2).
+ */
+export async function startNginxHttp(dir: string): Promise<Backend & { ppPort: number; ppUnixPath: string }> {
   const nginx = which('nginx');
   if (nginx === null) throw new Error('nginx not installed: run bench/setup.sh');
   const port = await freePort();
+  const ppPort = await freePort();
   const unixPath = path.join(dir, 'nginx-http.sock');
+  const ppUnixPath = path.join(dir, 'nginx-http-pp.sock');
   const tmp = path.join(dir, 'nginx-tmp');
   mkdirSync(tmp, { recursive: true });
   const cfg = path.join(dir, 'nginx-http.conf');
@@ -77,6 +82,8 @@ export async function startNginxHttp(dir: string): Promise<Backend> {
       '  server {',
       `    listen 127.0.0.1:${port} backlog=4096;`,
       `    listen unix:${unixPath} backlog=4096;`,
+      `    listen 127.0.0.1:${ppPort} backlog=4096 proxy_protocol;`,
+      `    listen unix:${ppUnixPath} backlog=4096 proxy_protocol;`,
       '    location / { default_type text/plain; return 200 "hello from nginx via the proxy under test\\n"; }',
       '  }',
       '}',
@@ -84,11 +91,11 @@ export async function startNginxHttp(dir: string): Promise<Backend> {
     ].join('\n'),
   );
   const s = start(nginx, ['-p', dir, '-e', `${dir}/nginx-http.log`, '-c', cfg]);
-  if (!(await waitTcpListening(port)) || !(await waitFile(unixPath))) {
+  if (!(await waitTcpListening(port)) || !(await waitFile(unixPath)) || !(await waitTcpListening(ppPort)) || !(await waitFile(ppUnixPath))) {
     await s.stop(100);
     throw new Error(`nginx did not start: ${s.stderr()}`);
   }
-  return { port, unixPath, alive: alive(s), log: () => s.stderr(), stop: () => s.stop(1000) };
+  return { port, unixPath, ppPort, ppUnixPath, alive: alive(s), log: () => s.stderr(), stop: () => s.stop(1000) };
 }
 
 /** iperf3 server (TCP only). One test at a time; restartable after a failed test. */

@@ -128,7 +128,7 @@ const ratios = results.metrics.rps.map((r, i) => r / (results.plain.rps[i] as nu
 const scrapesPerSec = 1000 / SCRAPE_MS;
 const coreSharePct = (scrapesPerSec * scrapeCpuUs) / 1e4;
 const lines = [
-  `### 7. \`--metrics\` scraped every ${SCRAPE_MS} ms: HTTP keep-alive through ours (wrk)`,
+  `### 8. \`--metrics\` scraped every ${SCRAPE_MS} ms: HTTP keep-alive through ours (wrk)`,
   '',
   `Measured ${new Date().toISOString().replace(/\.\d+Z$/, 'Z')} by \`node bench/metrics.ts --runs ${RUNS} --seconds ${SECONDS}\` (${os.availableParallelism()} cores, ${os.release()}). ` +
     `wrk -t1 -c32 -d${SECONDS}s keep-alive to nginx (1 worker, \`return 200\`) on TCP, through ours started plain and through ours with \`--metrics=/path\`, ` +

@@ -7,17 +7,23 @@ import { execFileSync } from 'node:child_process';
 import { start, startActivated, sampleUsage, freePort, waitTcpListening, which } from './procs.ts';
 import type { Spawned, Usage } from './procs.ts';
 
-export const PROXY_NAMES = ['ours', 'ours-nagle', 'ours-routes', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
+export const PROXY_NAMES = ['ours', 'ours-nagle', 'ours-routes', 'ours-pp2', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
 export type ProxyName = (typeof PROXY_NAMES)[number];
 
 /**
  * What runs when --proxies is not given. `ours-nagle` (ours with --nodelay=no) is there to
  * measure what TCP_NODELAY costs and saves, `ours-routes` (three routes) what routing by
- * name costs, on request only.
+ * name costs, `ours-pp2` (--proxy-protocol=v2) what the header costs, on request only.
  */
-export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => n !== 'ours-nagle' && n !== 'ours-routes');
+export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => n !== 'ours-nagle' && n !== 'ours-routes' && n !== 'ours-pp2');
 
-export type Target = { kind: 'tcp'; port: number } | { kind: 'unix'; path: string };
+/**
+ * Where a proxy forwards to. `ppPort`/`ppPath`: the same backend listening where it expects a
+ * PROXY protocol header (nginx `listen ... proxy_protocol`), for the proxies that send one; a
+ * target without it cannot be measured with them (a plain backend would take the header for
+ * the request).
+ */
+export type Target = { kind: 'tcp'; port: number; ppPort?: number } | { kind: 'unix'; path: string; ppPath?: string };
 
 export const REPO = path.resolve(import.meta.dirname, '..');
 export const OURS_CLI = path.join(REPO, 'dist', 'cli.js');
@@ -39,6 +45,8 @@ export interface RunningProxy {
 export interface ProxyDef {
   name: ProxyName;
   activated: boolean;
+  /** sends a PROXY protocol header first: needs a Target with ppPort/ppPath */
+  proxyProtocol?: boolean;
   /** why it cannot run here, or null */
   unavailable: () => string | null;
   start: (target: Target, dir: string, connMax: number) => Promise<RunningProxy>;
@@ -117,6 +125,29 @@ const oursRoutes: ProxyDef = {
     const argv = [process.execPath, OURS_CLI, '-c', String(connMax), '--listen=db=127.0.0.1:0', '--listen=cache=127.0.0.1:0'];
     const s = await startActivated([...argv, `web=${target}`, `db=${target}`, `cache=${target}`], { LISTEN_FDNAMES: 'web' });
     return wrap('ours-routes', s, s.port, false);
+  },
+};
+
+/** The Target's PROXY-protocol address, or null when the backend has none. */
+export function ppTargetArg(t: Target): string | null {
+  if (t.kind === 'tcp') return t.ppPort === undefined ? null : `127.0.0.1:${t.ppPort}`;
+  return t.ppPath === undefined ? null : t.ppPath;
+}
+
+/**
+ * Ours with --proxy-protocol=v2 (issue 10), in front of the same nginx listening with
+ * `proxy_protocol`: against "ours" to the plain listener, what one header per connection costs.
+ */
+const oursPp2: ProxyDef = {
+  name: 'ours-pp2',
+  activated: true,
+  proxyProtocol: true,
+  unavailable: ours.unavailable,
+  start: async (t, _dir, connMax) => {
+    const target = ppTargetArg(t);
+    if (target === null) throw new Error('needs a backend that expects the PROXY protocol');
+    const s = await startActivated([process.execPath, OURS_CLI, '--proxy-protocol=v2', '-c', String(connMax), target]);
+    return wrap('ours-pp2', s, s.port, false);
   },
 };
 
@@ -235,6 +266,7 @@ export const PROXIES: Record<ProxyName, ProxyDef> = {
   ours,
   'ours-nagle': oursNagle,
   'ours-routes': oursRoutes,
+  'ours-pp2': oursPp2,
   ref,
   socat,
   haproxy,

@@ -12,6 +12,8 @@ export interface TargetSpec {
   needsRef: boolean;
   /** compare with this proxy's median instead of ref's, e.g. direct */
   against?: ProxyName;
+  /** judge this proxy's median instead of ours', e.g. ours-pp2 against ours */
+  subject?: ProxyName;
 }
 
 export interface Row {
@@ -85,11 +87,13 @@ export function evaluate(row: Row): { ratio: string; met: string } {
   const ratio = row.ratio && Number.isFinite(o) && Number.isFinite(r) && r !== 0 ? `${(o / r).toFixed(2)}x` : '–';
   let met = '';
   if (row.target) {
+    const subject = row.target.subject ?? 'ours';
+    const s = median(row.values[subject]);
     const base = row.target.against ?? 'ref';
-    const b = base === 'ref' ? r : median(row.values[base]);
-    if (!Number.isFinite(o)) met = 'n/a (no result for ours)';
+    const b = median(row.values[base]);
+    if (!Number.isFinite(s)) met = `n/a (no result for ${subject})`;
     else if (row.target.needsRef && !Number.isFinite(b)) met = `n/a (no result for ${base})`;
-    else met = row.target.check(o, b) ? 'yes' : '**NO**';
+    else met = row.target.check(s, b) ? 'yes' : '**NO**';
   }
   return { ratio, met };
 }
@@ -135,6 +139,22 @@ export function targetsOf(sec: Section): TargetResult[] {
     .filter((r) => r.target !== undefined)
     .map((r) => {
       const { ratio, met } = evaluate(r);
+      // A target on another proxy (ours-pp2 against ours) names both and shows their ratio.
+      const subject = r.target?.subject;
+      if (subject !== undefined && subject !== 'ours') {
+        const against = r.target?.against ?? 'ref';
+        const a = median(r.values[subject]);
+        const b = median(r.values[against]);
+        return {
+          section: sec.short,
+          label: `${r.label}: ${subject} vs ${against}`,
+          ours: `${cell(r, subject, false)} (${subject})`,
+          ref: `${cell(r, against, false)} (${against})`,
+          ratio: Number.isFinite(a) && Number.isFinite(b) && b !== 0 ? `${(a / b).toFixed(2)}x` : '–',
+          target: r.target?.text ?? '',
+          met,
+        };
+      }
       return {
         section: sec.short,
         label: r.label,

@@ -6,8 +6,8 @@
 //
 // NAME: bulk, http, newconn, idle, pingpong, coldstart, split.  Proxies: ours, ref, socat,
 // haproxy, nginx-stream, direct (no proxy: a baseline), and on request ours-routes (ours with three
-// routes by socket name) and ours-nagle (ours with
-// --nodelay=no).  See bench/README.md.
+// routes by socket name), ours-nagle (ours with --nodelay=no) and ours-pp2 (ours with
+// --proxy-protocol=v2, in http and newconn only).  See bench/README.md.
 import { mkdtempSync, rmSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
