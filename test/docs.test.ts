@@ -564,6 +564,26 @@ test('README agrees: the options of --help, and it points to the man page and ex
   // --listen= adds sockets; it does not replace the passed ones.
   const listenRow = readme.split('\n').find((l) => l.startsWith('| `--listen='));
   assert.ok(listenRow !== undefined && /in addition to/.test(listenRow) && !/instead of/.test(listenRow), listenRow);
+  // What an activation costs (issue 9): stated with the figures of bench/RESULTS.md, so that a
+  // re-measurement that moves them by more than the noise (25%) makes the README say so.
+  const cost = systemd.slice(systemd.indexOf('**What an activation costs.**'));
+  assert.ok(cost.length > 0, 'README, systemd section: what an activation costs');
+  const results = readFileSync(join(ROOT, 'bench', 'RESULTS.md'), 'utf8');
+  const cold = /^\| exec → first byte forwarded, ms \| ([\d.]+)\b[^|]*\| ([\d.]+)\b/m.exec(results);
+  const idle = /^\| proxy RSS before, MiB \| ([\d.]+) \| ([\d.]+) \|/m.exec(results);
+  assert.ok(cold !== null && idle !== null, 'RESULTS.md has the cold start and idle RSS rows');
+  const said = {
+    coldOurs: /\*\*(\d+) ms\*\*\s+for\s+ours/.exec(cost)?.[1],
+    coldRef: /\*\*(\d+) ms\*\*\s+for\s+the\s+C\s+reference/.exec(cost)?.[1],
+    rssOurs: /\*\*(\d+) MiB RSS\*\*\s+against/.exec(cost)?.[1],
+    rssRef: /the\s+reference's\s+\*\*(\d+) MiB\*\*/.exec(cost)?.[1],
+  };
+  const measured = { coldOurs: cold[1], coldRef: cold[2], rssOurs: idle[1], rssRef: idle[2] };
+  for (const key of Object.keys(said) as Array<keyof typeof said>) {
+    const r = Number(said[key]) / Number(measured[key]);
+    assert.ok(r > 0.75 && r < 1.25, `README's ${key} (${String(said[key])}) agrees with bench/RESULTS.md (${measured[key]})`);
+  }
+  assert.ok(cost.includes('--exit-idle-time') && cost.includes('file-backed'), 'why, and what to do about it');
   // Security: the peer-credentials consequence and what to do about it.
   const security = readme.slice(readme.indexOf('## Security'), readme.indexOf('\n## ', readme.indexOf('## Security') + 1));
   for (const word of ['SO_PEERCRED', 'peer', 'DynamicUser=yes', 'User=', 'SupplementaryGroups=', 'root']) assert.ok(security.includes(word), `README Security: ${word}`);
