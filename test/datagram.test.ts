@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import {
   fdOf,
   readAll,
+  rssKiB,
   settledFdCount,
   startBackend,
   startProxy,
@@ -522,6 +523,98 @@ describe('UDP: datagram sockets take routes like stream sockets', () => {
       const r = await runProxy({ args });
       assert.equal(r.code, 1, args.join(' '));
       assert.equal(r.stderr, want, args.join(' '));
+    }
+  });
+});
+
+describe('UDP: bounded memory when one side outpaces the other', () => {
+  // The loopback of a network namespace the test makes, where tc slows down only the
+  // datagrams to the target (port 6000) and to one client (port 7000): their senders'
+  // socket buffers fill, so the proxy's sends are queued by libuv (what a slow link does).
+  // Without root or ip/tc there is no such link to make.
+  const missing = ['ip', 'tc', 'python3'].filter((t) => spawnSync('sh', ['-c', `command -v ${t}`]).status !== 0);
+  const skip = process.getuid?.() !== 0 ? 'needs root (network namespace, tc)' : missing.length > 0 ? `not installed: ${missing.join(', ')}` : false;
+  const FLOOD = join(import.meta.dirname, 'fixtures', 'udp_flood.py');
+
+  function inNs(ns: string, args: string[], timeoutMs = 60_000): Promise<{ code: number | null; out: string }> {
+    return new Promise((resolve) => {
+      const c = spawn('ip', ['netns', 'exec', ns, 'python3', FLOOD, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+      let out = '';
+      c.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+      const t = setTimeout(() => c.kill('SIGKILL'), timeoutMs);
+      c.on('close', (code) => {
+        clearTimeout(t);
+        resolve({ code, out });
+      });
+    });
+  }
+
+  test('a client flooding a slow target, and a target flooding a slow client: the proxy drops, its memory stays bounded, other flows go on', { skip, timeout: 120_000 }, async () => {
+    const ns = `spd-flood-${process.pid}`;
+    const sh = (cmd: string): void => {
+      const r = spawnSync('sh', ['-c', cmd], { encoding: 'utf8' });
+      assert.equal(r.status, 0, `${cmd}: ${r.stderr}`);
+    };
+    sh(`ip netns add ${ns} && ip -n ${ns} link set lo up`);
+    let p: Proxy | null = null;
+    let targetProc: ReturnType<typeof spawn> | null = null;
+    try {
+      sh(
+        // htb: class 1:10 (1 MB/s, a 400 KB queue) for ports 6000 and 7000, 1:20 unlimited for the rest.
+        `tc -n ${ns} qdisc add dev lo root handle 1: htb default 20 && ` +
+          `tc -n ${ns} class add dev lo parent 1: classid 1:10 htb rate 8mbit ceil 8mbit && ` +
+          `tc -n ${ns} class add dev lo parent 1: classid 1:20 htb rate 20gbit && ` +
+          `tc -n ${ns} qdisc add dev lo parent 1:10 bfifo limit 400kb && ` +
+          `tc -n ${ns} filter add dev lo parent 1: protocol ip prio 1 u32 match ip dport 6000 0xffff flowid 1:10 && ` +
+          `tc -n ${ns} filter add dev lo parent 1: protocol ip prio 1 u32 match ip dport 7000 0xffff flowid 1:10`,
+      );
+      targetProc = spawn('ip', ['netns', 'exec', ns, 'python3', FLOOD, 'target', '6000'], { stdio: ['ignore', 'pipe', 'inherit'] });
+      let targetOut = '';
+      targetProc.stdout!.setEncoding('utf8').on('data', (d: string) => (targetOut += d));
+      await waitFor(() => targetOut.includes('ready'), 10_000, 'the target');
+      p = await startProxy({
+        wrapper: ['ip', 'netns', 'exec', ns],
+        args: ['--idle-timeout=infinity', '--listen-datagram=127.0.0.1:5000', '127.0.0.1:6000'],
+        env: DEBUG,
+      });
+      await ready(p);
+      const pid = p.pid;
+      // Warm up both paths, so that the baseline holds what serving costs at all.
+      assert.equal((await inNs(ns, ['ask', '5000', 'warm-up'])).out.trim(), 'warm-up');
+      await sleep(300);
+      const base = rssKiB(pid);
+      let peak = base;
+      let sampling = true;
+      const sampler = (async () => {
+        while (sampling) {
+          peak = Math.max(peak, rssKiB(pid));
+          await sleep(20);
+        }
+      })();
+      // 1. Three clients send 3 x 30,000 datagrams of 1,400 bytes (126 MB) at the proxy;
+      //    the target's link takes 1 MB/s.
+      const floods = await Promise.all([0, 1, 2].map(() => inNs(ns, ['flood', '5000', '30000', '1400'])));
+      for (const f of floods) assert.equal(f.code, 0);
+      // 2. A target answering one request with 100,000 datagrams of 1,400 bytes, to a client
+      //    whose link takes 1 MB/s (the reply path: the proxy's listening socket).
+      const burst = await inNs(ns, ['ask', '5000', 'burst 100000 1400', '7000']);
+      assert.equal(burst.code, 0, 'the first datagram of the burst came back');
+      await waitFor(() => targetOut.includes('burst done'), 30_000, 'the target to send its burst');
+      await sleep(500);
+      sampling = false;
+      await sampler;
+      const grownMiB = (peak - base) / 1024;
+      // 266 MB came at the proxy: a queue per flow would hold a good part of it (measured
+      // without the drop-while-a-send-is-queued checks: +178 MiB client side, +230 MiB reply side; with them +12.7 MiB).
+      assert.ok(grownMiB < 32, `RSS grew by ${grownMiB.toFixed(1)} MiB (from ${(base / 1024).toFixed(1)} MiB)`);
+      assert.equal(p.child.exitCode, null, 'still running');
+      // The proxy still serves: a new flow and the flooded flows' target both answer at once.
+      assert.equal((await inNs(ns, ['ask', '5000', 'after the flood', '0', '10'])).out.trim(), 'after the flood');
+      assert.doesNotMatch(p.stderr(), /Failed to forward datagrams/);
+    } finally {
+      targetProc?.kill('SIGKILL');
+      await p?.stop();
+      spawnSync('ip', ['netns', 'delete', ns]);
     }
   });
 });
