@@ -527,6 +527,71 @@ describe('UDP: datagram sockets take routes like stream sockets', () => {
   });
 });
 
+describe('UDP: drain (--drain-timeout=)', () => {
+  test('during a drain open flows still get their replies, new datagrams wait in the kernel for the next start; flows alone are not waited for', { timeout: 60_000 }, async () => {
+    // The UDP target answers "late" only after 400 ms: that reply comes during the drain.
+    const udp = await bound('udp4', '127.0.0.1');
+    udp.on('message', (m, r) => setTimeout(() => udp.send(m, r.port, r.address), m.toString() === 'late' ? 400 : 0));
+    const { makeListener } = await import('./helpers.ts');
+    const tcpBackend = await startBackend((sock) => sock.pipe(sock));
+    const stream = await makeListener({ kind: 'tcp' });
+    // The datagram socket as systemd holds it: a copy nobody in this process reads.
+    const listen = await bound('udp4', '127.0.0.1');
+    const port = portOf(listen);
+    listen.removeAllListeners('message');
+    udpHandle(listen).recvStop();
+    const args = ['--drain-timeout=10s', `web=${tcpBackend.address}`, `dns=${target(udp)}`];
+    let p = await startProxy({ args, fds: [fdOf(stream.server), udpHandle(listen).fd], env: { LISTEN_FDNAMES: 'web:dns' } });
+    // The proxy has the stream socket; this process must not accept on it.
+    stream.server.close();
+    const c1 = await client();
+    const c2 = await client();
+    let conn: Socket | null = null;
+    try {
+      assert.equal((await ask(c1, Buffer.from('early'), port, '127.0.0.1')).toString(), 'early');
+      // A stream connection keeps the drain going.
+      conn = createConnection(stream.connectOptions);
+      conn.on('error', () => {});
+      conn.write('x');
+      await once(conn, 'data');
+      const before = c1.got.length;
+      c1.sock.send('late', port, '127.0.0.1');
+      await sleep(100);
+      p.child.kill('SIGTERM');
+      await waitFor(() => p.stderr().includes('Draining 1 connection'), 5000, 'the drain');
+      // The open flow's reply still reaches its client, from the address it sent to.
+      await waitFor(() => c1.got.length > before, 3000, "the open flow's reply during the drain");
+      assert.equal(c1.got[before]?.data.toString(), 'late');
+      assert.equal(c1.got[before]?.port, port);
+      // A new client during the drain is not served by this proxy...
+      c2.sock.send('during the drain', port, '127.0.0.1');
+      await sleep(500);
+      assert.equal(c2.got.length, 0, 'not read while draining');
+      assert.equal(p.child.exitCode, null, 'still draining');
+      conn.end();
+      assert.deepEqual(await p.exited, { code: 0, signal: null });
+      // ...its datagram waited in the socket's queue and the next start answers it.
+      p = await startProxy({ args: ['--drain-timeout=10s', `dns=${target(udp)}`], fds: [udpHandle(listen).fd], env: { LISTEN_FDNAMES: 'dns' } });
+      await waitFor(() => c2.got.length > 0, 5000, 'the next start to answer the queued datagram');
+      assert.equal(c2.got[0]?.data.toString(), 'during the drain');
+      // Only flows open (no connection): SIGTERM stops at once despite --drain-timeout=10s.
+      const t0 = performance.now();
+      p.child.kill('SIGTERM');
+      assert.deepEqual(await p.exited, { code: 0, signal: null });
+      assert.ok(performance.now() - t0 < 2000, `stopped at once: ${(performance.now() - t0).toFixed(0)} ms`);
+      assert.equal(p.stderr(), '');
+    } finally {
+      conn?.destroy();
+      c1.sock.close();
+      c2.sock.close();
+      listen.close();
+      udp.close();
+      await tcpBackend.close();
+      await p.stop();
+    }
+  });
+});
+
 describe('UDP: bounded memory when one side outpaces the other', () => {
   // The loopback of a network namespace the test makes, where tc slows down only the
   // datagrams to the target (port 6000) and to one client (port 7000): their senders'
