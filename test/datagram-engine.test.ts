@@ -1,0 +1,78 @@
+/**
+ * The datagram engine in-process, on a clock the test moves: the default flow idle span
+ * (60 s when --idle-timeout= is not given) is checked without waiting a minute. Real UDP
+ * sockets on loopback; only the sweep's interval and performance.now() are faked.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createSocket, type Socket as UdpSocket } from 'node:dgram';
+import { once } from 'node:events';
+import { parseAddress } from '../src/address.ts';
+import { datagramAddress, listenDatagramOnAddress } from '../src/datagram.ts';
+import type { Logger } from '../src/log.ts';
+import { closeProxy, createProxy } from '../src/proxy.ts';
+
+function memoryLogger(): Logger & { lines: string[] } {
+  const lines: string[] = [];
+  return { maxLevel: 7, lines, log: (level: number, message: string) => lines.push(`<${level}>${message}`) };
+}
+
+async function udp4(): Promise<UdpSocket> {
+  const s = createSocket('udp4');
+  s.bind(0, '127.0.0.1');
+  await once(s, 'listening');
+  return s;
+}
+
+test('without --idle-timeout a flow ends after 60 s without a datagram, not before (and a datagram either way restarts the span)', async (t) => {
+  const echo = await udp4();
+  echo.on('message', (m, r) => echo.send(m, r.port, r.address));
+  const logger = memoryLogger();
+  const proxy = createProxy({
+    target: parseAddress(`127.0.0.1:${echo.address().port}`),
+    connectionsMax: 10,
+    exitIdleTimeUsec: null,
+    logger,
+  });
+  // The sweep runs on setInterval and reads performance.now(): both move only when we say.
+  t.mock.timers.enable({ apis: ['setInterval'] });
+  let fake = 1_000_000;
+  const realNow = performance.now;
+  performance.now = () => fake;
+  t.after(() => {
+    performance.now = realNow;
+  });
+  const client = await udp4();
+  try {
+    const listener = await listenDatagramOnAddress(proxy, parseAddress('127.0.0.1:0', true));
+    const port = datagramAddress(listener).port;
+    const ask = async (text: string): Promise<void> => {
+      const reply = once(client, 'message');
+      client.send(text, port, '127.0.0.1');
+      assert.equal(String((await reply)[0]), text);
+    };
+    /** Move the clock by `ms`, one second (one sweep period) at a time. */
+    const advance = (ms: number): void => {
+      for (let left = ms; left > 0; left -= 1000) {
+        const step = Math.min(1000, left);
+        fake += step;
+        t.mock.timers.tick(step);
+      }
+    };
+    await ask('open');
+    assert.equal(proxy.flows, 1);
+    advance(59_000);
+    assert.equal(proxy.flows, 1, 'open after 59 s');
+    // Traffic restarts the span.
+    await ask('still here');
+    advance(59_000);
+    assert.equal(proxy.flows, 1, 'open 59 s after the last datagram');
+    advance(3_000);
+    assert.equal(proxy.flows, 0, 'closed at most two sweeps (2 s) after 60 s without a datagram');
+    assert.match(logger.lines.join('\n'), /<7>Flow from 127\.0\.0\.1:[0-9]+ closed/);
+  } finally {
+    closeProxy(proxy);
+    client.close();
+    echo.close();
+  }
+});
