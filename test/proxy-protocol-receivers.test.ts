@@ -10,8 +10,8 @@
  * for v1 and v2, with the client on IPv4, IPv6, a dual-stack socket (IPv4 client:
  * must arrive as plain IPv4) and a UNIX socket (v1 UNKNOWN / v2 LOCAL: accepted, and
  * the receiver keeps the connection's own addresses), with UNIX and TCP targets, and
- * the client's bytes intact after the header. Plus, on the wire: exactly the header
- * then the client's bytes, and nothing at all without the option; a host-name target;
+ * the client's bytes intact after the header; UNIX, TCP and [::1]:PORT targets. Plus, on the wire: exactly the header then the client's bytes,
+ * and nothing at all without the option; [::1]:PORT, @abstract and host-name targets;
  * a header write that fails (LD_PRELOAD shim); and a unit file written as in
  * systemd v261 (`--proxy-protocol=v1`) run by systemd-socket-activate against nginx.
  *
@@ -120,11 +120,32 @@ async function waitAccepting(where: { path: string } | { host: string; port: num
   }
 }
 
+/**
+ * Wait until the receiver accepts everywhere; if it does not, kill it and close what is behind
+ * it before failing, or its pipes would keep this process (and the test run) alive.
+ */
+async function waitAcceptingAll(
+  wheres: Array<{ path: string } | { host: string; port: number }>,
+  child: ChildProcess,
+  output: () => string,
+  behind: Server,
+): Promise<void> {
+  try {
+    for (const where of wheres) await waitAccepting(where, child, output);
+  } catch (err) {
+    await stopChild(child);
+    behind.close();
+    throw err;
+  }
+}
+
 interface Receiver {
   /** UNIX socket the receiver listens on, with the PROXY protocol required. */
   path: string;
   /** TCP port (127.0.0.1) it also listens on, PROXY protocol required. */
   port: number;
+  /** TCP port on ::1, PROXY protocol required. */
+  port6: number;
   child: ChildProcess;
   output: () => string;
   /** The app/echo server behind it. */
@@ -183,12 +204,13 @@ async function startNginx(name: string): Promise<Receiver> {
   mkdirSync(dir);
   const path = join(dir, 'nginx.sock');
   const port = await freePort();
+  const port6 = await freePort('::1');
   const behind = await startApp(join(dir, 'app.sock'));
   const conf = join(dir, 'nginx.conf');
-  writeFileSync(conf, nginxConf(dir, [`unix:${path}`, `127.0.0.1:${port}`], join(dir, 'app.sock')));
+  writeFileSync(conf, nginxConf(dir, [`unix:${path}`, `127.0.0.1:${port}`, `[::1]:${port6}`], join(dir, 'app.sock')));
   const { child, output } = spawnReceiver(findProgram('nginx') as string, ['-p', dir, '-e', join(dir, 'error.log'), '-c', conf]);
-  await waitAccepting({ path }, child, output);
-  return { path, port, child, output, behind };
+  await waitAcceptingAll([{ path }, { host: '::1', port: port6 }], child, output, behind);
+  return { path, port, port6, child, output, behind };
 }
 
 /** One HTTP request through the proxy to nginx; resolves with nginx's view and the echoed body. */
@@ -212,7 +234,7 @@ async function viaNginx(to: { host: string; port: number } | { path: string }, b
 // ---------------------------------------------------------------------------------------------
 // haproxy: mode tcp, `accept-proxy`, relaying to an echo server with `send-proxy`.
 
-function haproxyConf(path: string, port: number, echoPath: string): string {
+function haproxyConf(path: string, port: number, port6: number, echoPath: string): string {
   return `global
   maxconn 256
 defaults
@@ -223,6 +245,7 @@ defaults
 frontend fe
   bind ${path} accept-proxy
   bind 127.0.0.1:${port} accept-proxy
+  bind ipv6@::1:${port6} accept-proxy
   default_backend be
 backend be
   server echo ${echoPath} send-proxy
@@ -254,12 +277,13 @@ async function startHaproxy(name: string): Promise<Receiver> {
   mkdirSync(dir);
   const path = join(dir, 'haproxy.sock');
   const port = await freePort();
+  const port6 = await freePort('::1');
   const behind = await startEcho(join(dir, 'echo.sock'));
   const conf = join(dir, 'haproxy.cfg');
-  writeFileSync(conf, haproxyConf(path, port, join(dir, 'echo.sock')));
+  writeFileSync(conf, haproxyConf(path, port, port6, join(dir, 'echo.sock')));
   const { child, output } = spawnReceiver(findProgram('haproxy') as string, ['-db', '-f', conf]);
-  await waitAccepting({ path }, child, output);
-  return { path, port, child, output, behind };
+  await waitAcceptingAll([{ path }, { host: '::1', port: port6 }], child, output, behind);
+  return { path, port, port6, child, output, behind };
 }
 
 /** Send `payload` through the proxy to haproxy, half-close, read the reply to EOF. */
@@ -318,7 +342,14 @@ describe('real receivers', { skip: skipReceivers }, () => {
   let nginx: Receiver;
   let haproxy: Receiver;
   before(async () => {
-    [nginx, haproxy] = await Promise.all([startNginx('nginx'), startHaproxy('haproxy')]);
+    const started = await Promise.allSettled([startNginx('nginx'), startHaproxy('haproxy')]);
+    const failed = started.find((r) => r.status === 'rejected');
+    if (failed !== undefined) {
+      // Stop the one that did start: its pipes would keep the test process alive.
+      for (const r of started) if (r.status === 'fulfilled') await stopChild(r.value.child).then(() => r.value.behind.close());
+      throw (failed as PromiseRejectedResult).reason;
+    }
+    [nginx, haproxy] = started.map((r) => (r as PromiseFulfilledResult<Receiver>).value) as [Receiver, Receiver];
   });
   after(async () => {
     for (const r of [nginx, haproxy]) {
@@ -386,6 +417,41 @@ describe('real receivers', { skip: skipReceivers }, () => {
         }
       } finally {
         await p.stop();
+      }
+    }
+  });
+
+  // No @abstract target here: nginx 1.22 has no abstract sockets, and haproxy 2.6's abns@ pads
+  // the name with NULs to the full sun_path (a name no command line can carry); the header
+  // bytes do not depend on the target's kind, and "on the wire" checks them for @abstract.
+  test('IPv6 [::1]:PORT targets: nginx and haproxy, v1 and v2, IPv4 and IPv6 clients', async () => {
+    const targets = [
+      [nginx, `[::1]:${nginx.port6}`],
+      [haproxy, `[::1]:${haproxy.port6}`],
+    ] as const;
+    for (const [receiver, target] of targets) {
+      for (const version of ['v1', 'v2'] as const) {
+        const p = await startProxy({ args: [`--proxy-protocol=${version}`, target], listen: [{ kind: 'tcp', host: '127.0.0.1' }, { kind: 'tcp', host: '::1' }] });
+        try {
+          for (const [i, kind] of (['ipv4', 'ipv6'] as const).entries()) {
+            const side = clientSide(p.listeners[i] as Listener, kind);
+            const what = `${receiver === nginx ? 'nginx' : 'haproxy'} at ${target}, ${version}, ${kind} client`;
+            if (receiver === nginx) {
+              const body = randomBytes(2000 + i);
+              const r = await viaNginx(side.to, body);
+              assert.equal(r.pp, `pp=${nginxSays(side.address, r.clientPort, side.port)}`, what);
+              assert.ok(r.body.equals(body), `${what}: body intact`);
+            } else {
+              const payload = randomBytes(70_000 + i);
+              const r = await viaHaproxy(side.to, payload);
+              assert.equal(r.line, haproxySays(side.address, r.clientPort, side.port), what);
+              assert.ok(r.rest.equals(payload), `${what}: bytes intact`);
+            }
+          }
+          assert.equal(p.stderr(), '');
+        } finally {
+          await p.stop();
+        }
       }
     }
   });
@@ -509,6 +575,35 @@ describe('on the wire', () => {
         }
       } finally {
         await p.stop();
+      }
+    }
+  });
+
+  test('[::1]:PORT and @abstract targets: the same header, once, then the client\'s bytes', async (t) => {
+    const v6 = await recordingBackend({ host: '::1' });
+    const abs = await recordingBackend({ path: `\0spd-pp-wire-${process.pid}` });
+    t.after(() => Promise.all([v6.close(), abs.close()]));
+    const v6Port = Number(v6.address.split(':').at(-1));
+    for (const [target, backend] of [[`[::1]:${v6Port}`, v6], [abs.address, abs]] as const) {
+      assert.ok(target.startsWith('[') || target.startsWith('@'), target);
+      for (const version of ['v1', 'v2'] as const) {
+        const before = backend.got.length;
+        const p = await startProxy({ args: [`--proxy-protocol=${version}`, target], listen: [{ kind: 'tcp' }] });
+        try {
+          const payload = randomBytes(20_000);
+          const port = (p.listeners[0]!.connectOptions as { port: number }).port;
+          const clientPort = await sendAndClose(p.listeners[0]!.connectOptions, payload);
+          await waitFor(() => backend.got.length === before + 1, 5000, 'the backend connection');
+          const header =
+            version === 'v1'
+              ? Buffer.from(`PROXY TCP4 127.0.0.1 127.0.0.1 ${clientPort} ${port}\r\n`)
+              : hex(`0d0a0d0a000d0a515549540a 21 11 000c 7f000001 7f000001 ${be16(clientPort)} ${be16(port)}`);
+          const got = await backend.got.at(-1)!;
+          assert.ok(got.equals(Buffer.concat([header, payload])), `${version} to ${target}: got ${JSON.stringify(got.subarray(0, 60).toString('latin1'))}`);
+          assert.equal(p.stderr(), '');
+        } finally {
+          await p.stop();
+        }
       }
     }
   });
