@@ -12,8 +12,10 @@
  * the receiver keeps the connection's own addresses), with UNIX and TCP targets, and
  * the client's bytes intact after the header; UNIX, TCP and [::1]:PORT targets. Plus, on the wire: exactly the header then the client's bytes,
  * and nothing at all without the option; [::1]:PORT, @abstract and host-name targets;
- * a header write that fails (LD_PRELOAD shim); and a unit file written as in
- * systemd v261 (`--proxy-protocol=v1`) run by systemd-socket-activate against nginx.
+ * a header write that fails (LD_PRELOAD shim); and the man page's unit files with
+ * systemd v261's `--proxy-protocol=v1`, run by systemd-socket-activate and by a real
+ * systemd manager (socket activation, Type=notify, PrivateTmp=, PrivateNetwork=)
+ * against nginx.
  *
  * nginx and haproxy run as foreground processes with their own configuration in a
  * temporary directory, on UNIX sockets or on ports found free by binding port 0,
@@ -23,7 +25,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -41,6 +43,7 @@ import {
   type ListenSpec,
   type Proxy,
 } from './helpers.ts';
+import { managerUnavailable, startManager } from './systemd-manager.ts';
 
 const tmp = tempDir();
 const children = new Set<ChildProcess>();
@@ -748,6 +751,79 @@ describe('systemd v261 unit file', { skip: missing('nginx', 'systemd-socket-acti
       await stopChild(ng.child);
       app.close();
     }
+  });
+});
+
+/** Skip reason for the real-manager test, or false; under CI a missing piece fails instead. */
+function noManager(): string | false {
+  const why = managerUnavailable() ?? missing('nginx');
+  if (why === false || why === null) return false;
+  if (CI) throw new Error(why);
+  return why;
+}
+
+describe('systemd v261 unit files under a real systemd manager', { skip: noManager() }, () => {
+  test('proxy-to-nginx.socket and .service as in the man page, with --proxy-protocol=v1: activated, Type=notify, PrivateTmp=, PrivateNetwork=; nginx sees each client', async (t) => {
+    const manager = await startManager('spd-v261-test');
+    const nginxDir = join(manager.kit, 'nginx');
+    mkdirSync(nginxDir);
+    const sock = join(nginxDir, 'socket');
+    const log = join(manager.kit, 'proxy.log');
+    const app = await startApp(join(manager.kit, 'app.sock'));
+    t.after(async () => {
+      await manager.systemctl('stop', 'proxy-to-nginx.service', 'proxy-to-nginx.socket', 'nginx.service');
+      await manager.close();
+      app.close();
+    });
+    const port = await freePort('::');
+    // The man page's units, changed only where this machine forces it: a free port for 80
+    // (tests never take fixed ports), our program for systemd's (node and dist/cli.js by
+    // absolute path: the bin's `#!/usr/bin/env node` would find the system's older Node
+    // under systemd's PATH), and nginx's socket under the test's directory. Its directory
+    // is in /run, so PrivateTmp=yes does not hide it.
+    const socketUnit = V261_SOCKET.replace(/^ListenStream=80$/m, `ListenStream=${port}`);
+    const serviceUnit = V261_SERVICE.replace(
+      'ExecStart=/usr/lib/systemd/systemd-socket-proxyd --proxy-protocol=v1 /run/nginx/socket',
+      `ExecStart=${process.execPath} ${OURS} --proxy-protocol=v1 ${sock}`,
+    );
+    assert.notEqual(socketUnit, V261_SOCKET);
+    assert.notEqual(serviceUnit, V261_SERVICE);
+    writeFileSync(join(manager.unitDir, 'proxy-to-nginx.socket'), socketUnit);
+    writeFileSync(join(manager.unitDir, 'proxy-to-nginx.service'), serviceUnit);
+    // What the test needs besides: the proxy's stderr in a file (a drop-in, so the unit stays
+    // as written), and an nginx.service for Requires=, listening on that socket.
+    mkdirSync(join(manager.unitDir, 'proxy-to-nginx.service.d'));
+    writeFileSync(join(manager.unitDir, 'proxy-to-nginx.service.d', 'test.conf'), `[Service]\nStandardError=append:${log}\n`);
+    writeFileSync(join(nginxDir, 'nginx.conf'), nginxConf(nginxDir, [`unix:${sock}`], join(manager.kit, 'app.sock')));
+    writeFileSync(
+      join(manager.unitDir, 'nginx.service'),
+      `[Service]\nExecStart=${findProgram('nginx') as string} -p ${nginxDir} -e ${join(nginxDir, 'error.log')} -c ${join(nginxDir, 'nginx.conf')}\n`,
+    );
+    assert.equal((await manager.systemctl('daemon-reload')).status, 0);
+    const verify = await manager.systemctl('start', 'nginx.service');
+    assert.equal(verify.status, 0, verify.stderr);
+    await retry(async () => (await connect({ path: sock })).destroy());
+    const started = await manager.systemctl('start', 'proxy-to-nginx.socket');
+    assert.equal(started.status, 0, started.stderr);
+    const state = async (): Promise<string> => (await manager.systemctl('show', '-P', 'ActiveState', 'proxy-to-nginx.service')).stdout.trim();
+    assert.equal(await state(), 'inactive', 'nothing started before the first client');
+
+    const body = randomBytes(3000);
+    // ListenStream=PORT is dual-stack: the IPv4 client arrives as ::ffff:127.0.0.1 and must be sent as TCP4.
+    for (const host of ['127.0.0.1', '::1']) {
+      const r = await viaNginx({ host, port }, body);
+      assert.equal(r.pp, `pp=${nginxSays(host, r.clientPort, port)}`, `nginx saw the client (${host}); proxy log: ${readFileSync(log, 'utf8')}`);
+      assert.ok(r.body.equals(body));
+    }
+    // Type=notify: active means systemd got READY=1 from the proxy.
+    assert.equal(await state(), 'active');
+    const pid = Number((await manager.systemctl('show', '-P', 'MainPID', 'proxy-to-nginx.service')).stdout.trim());
+    assert.ok(pid > 0);
+    assert.match(readFileSync(`/proc/${pid}/cmdline`, 'utf8'), /dist\/cli\.js\0--proxy-protocol=v1\0/);
+    // PrivateNetwork=yes took effect: the proxy runs in a network namespace of its own, and
+    // still serves (its socket came from systemd, its backend is a UNIX socket).
+    assert.notEqual(readlinkSync(`/proc/${pid}/ns/net`), readlinkSync('/proc/self/ns/net'));
+    assert.equal(readFileSync(log, 'utf8'), '', 'the proxy logged nothing');
   });
 });
 
