@@ -611,6 +611,51 @@ describe('on the wire', () => {
     }
   });
 
+  test('limits and backpressure unchanged: -c 1 still refuses the 2nd client; 16 MiB to a backend that stalls arrives whole after the header', async (t) => {
+    // The backend holds its reads for a while (the proxy must stop reading the client
+    // meanwhile, header written or not), then records everything.
+    const chunks: Buffer[][] = [];
+    const done: Array<Promise<void>> = [];
+    const b = await startBackend((sock: Socket) => {
+      const mine: Buffer[] = [];
+      chunks.push(mine);
+      sock.pause();
+      setTimeout(() => sock.resume(), 500);
+      sock.on('data', (d: Buffer) => mine.push(d));
+      done.push(new Promise((res) => sock.on('end', () => (sock.end(), res()))));
+    });
+    t.after(() => b.close());
+    const p = await startProxy({ args: ['--proxy-protocol=v2', '-c', '1', b.address], listen: [{ kind: 'tcp' }] });
+    try {
+      const to = p.listeners[0]!.connectOptions as { host: string; port: number };
+      const first = await connect(to);
+      const clientPort = first.localPort ?? 0;
+      await waitFor(() => chunks.length === 1, 5000, 'the first backend connection');
+      // The cap: a second client is accepted and closed at once, and reaches no backend.
+      const second = await connect(to);
+      const refused = await readAll(second, 3000);
+      assert.equal(refused.data.length, 0);
+      assert.equal(refused.ended, 'eof');
+      await waitFor(() => p.stderr().includes('Hit connection limit'), 3000, 'the limit warning');
+      assert.equal(chunks.length, 1, 'the refused client reached no backend');
+      // Backpressure: 16 MiB written at once, while the backend is not reading.
+      const payload = randomBytes(16 * 1024 * 1024);
+      const reading = readAll(first, 30_000);
+      first.end(payload);
+      await waitFor(() => done.length === 1, 20_000, 'the backend saw the EOF');
+      await done[0];
+      await reading;
+      const header = hex(`0d0a0d0a000d0a515549540a 21 11 000c 7f000001 7f000001 ${be16(clientPort)} ${be16(to.port)}`);
+      const got = Buffer.concat(chunks[0]!);
+      assert.equal(got.length, header.length + payload.length);
+      assert.ok(got.subarray(0, header.length).equals(header), 'the header first');
+      assert.ok(got.subarray(header.length).equals(payload), 'then every byte of the client, in order');
+      assert.equal(p.stderr(), 'Hit connection limit, refusing connection.\n');
+    } finally {
+      await p.stop();
+    }
+  });
+
   test('a host-name target: the header goes, once, to the address that connected', async () => {
     const b = await recordingBackend();
     const port = Number(b.address.split(':').at(-1));
