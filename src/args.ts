@@ -27,6 +27,12 @@ export interface Options {
   listenDatagram?: string[];
   /** --idle-timeout=SPAN in µs; null = infinity; absent = not given (datagram flows: 60 s). */
   idleTimeoutUsec?: bigint | null;
+  /** --connect-timeout=SPAN in µs; null = infinity (the default: the kernel's bound). */
+  connectTimeoutUsec?: bigint | null;
+  /** --connect-retry=SPAN in µs; 0 = no retry (the default), null = wait without limit. */
+  connectRetryUsec?: bigint | null;
+  /** --keepalive=SPAN in µs (at most MAX_KEEPIDLE_SEC s); 0 = off (the default). */
+  keepAliveUsec?: bigint;
   /** The plain positional TARGET: the default route. null when only NAME=TARGET routes are given. */
   target: string | null;
   /** The NAME=TARGET positionals (our extension), in order; names valid and distinct. */
@@ -38,7 +44,19 @@ export type Parsed =
   | { action: 'version' }
   | { action: 'run'; options: Options };
 
-type ValueOptionId = 'connections-max' | 'exit-idle-time' | 'listen' | 'proxy-protocol' | 'drain-timeout' | 'metrics' | 'nodelay' | 'listen-datagram' | 'idle-timeout';
+type ValueOptionId =
+  | 'connections-max'
+  | 'exit-idle-time'
+  | 'listen'
+  | 'proxy-protocol'
+  | 'drain-timeout'
+  | 'metrics'
+  | 'nodelay'
+  | 'listen-datagram'
+  | 'idle-timeout'
+  | 'connect-timeout'
+  | 'connect-retry'
+  | 'keepalive';
 type OptionId = ValueOptionId | 'help' | 'version';
 
 interface LongOption {
@@ -65,7 +83,16 @@ const LONG_OPTIONS: readonly LongOption[] = [
   // Appended: the ambiguity lists of the options above keep their order.
   { name: 'listen-datagram', hasArg: true, id: 'listen-datagram' },
   { name: 'idle-timeout', hasArg: true, id: 'idle-timeout' },
+  { name: 'connect-timeout', hasArg: true, id: 'connect-timeout' },
+  { name: 'connect-retry', hasArg: true, id: 'connect-retry' },
+  { name: 'keepalive', hasArg: true, id: 'keepalive' },
 ];
+
+/** The reference's own options (the first four entries): their abbreviations keep meaning them. */
+const REFERENCE_OPTION_COUNT = 4;
+
+/** The largest TCP_KEEPIDLE Linux accepts (MAX_TCP_KEEPIDLE), in seconds. */
+const MAX_KEEPIDLE_USEC = 32767n * 1_000_000n;
 
 function usage(message: string, errno: number = EINVAL): ProxyError {
   return new ProxyError('ERR_USAGE', message, errno);
@@ -84,6 +111,12 @@ function lookupLong(body: string, prog: string): { option: LongOption; value: st
 
   const exact = LONG_OPTIONS.find((o) => o.name === name);
   if (exact !== undefined) return { option: exact, value };
+
+  // A drop-in: what abbreviates one of the reference's options still means it, although
+  // newer names share the prefix (`--connect=5` is --connections-max, not ambiguous with
+  // --connect-timeout). No two of the reference's options share a first letter.
+  const reference = LONG_OPTIONS.slice(0, REFERENCE_OPTION_COUNT).filter((o) => o.name.startsWith(name));
+  if (reference.length === 1) return { option: reference[0] as LongOption, value };
 
   // glibc would not call two prefix matches ambiguous if they had identical has_arg/flag/val,
   // but every entry here has a distinct val, so any second match is an ambiguity.
@@ -231,6 +264,23 @@ function apply(id: ValueOptionId, arg: string, options: Options): void {
     case 'idle-timeout': {
       const usec = parseSpan(id, arg);
       options.idleTimeoutUsec = usec === USEC_INFINITY ? null : usec;
+      return;
+    }
+    case 'connect-timeout': {
+      const usec = parseSpan(id, arg);
+      options.connectTimeoutUsec = usec === USEC_INFINITY || usec === 0n ? null : usec;
+      return;
+    }
+    case 'connect-retry': {
+      const usec = parseSpan(id, arg);
+      options.connectRetryUsec = usec === USEC_INFINITY ? null : usec;
+      return;
+    }
+    case 'keepalive': {
+      const usec = parseSpan(id, arg);
+      // TCP_KEEPIDLE is whole seconds up to 32767: a longer span cannot be honoured, say so.
+      if (usec !== USEC_INFINITY && usec > MAX_KEEPIDLE_USEC) throw usage(`Failed to parse --keepalive= argument: ${arg}`, ERANGE);
+      options.keepAliveUsec = usec === USEC_INFINITY ? 0n : usec;
       return;
     }
     case 'listen-datagram':
@@ -387,8 +437,18 @@ plain TARGET takes every other socket.
                           HOST:PORT or [IPv6]:PORT) and forward them, one flow
                           per client; may be repeated; NAME= names the socket
                           for routes
-     --idle-timeout=SPAN  End a UDP flow after this long without a datagram
-                          either way (default: 60s)
+     --idle-timeout=SPAN  Close a connection after this long without data either
+                          way (default: infinity); a UDP flow after this long
+                          without a datagram (default: 60s)
+     --connect-timeout=SPAN
+                          Give up connecting to one address of the target after
+                          this long and try the next (default: infinity)
+     --connect-retry=SPAN Wait up to SPAN after accepting a client for a backend
+                          that is not listening yet, trying again with backoff
+                          (default: 0, fail at once)
+     --keepalive=SPAN     Enable TCP keepalive on both sockets of a connection,
+                          first probe after SPAN idle, at most 32767s
+                          (default: off)
   -h --help               Show this help
      --version            Show package version
 

@@ -1,6 +1,6 @@
 /**
- * One proxied connection: connect to the target, then forward both directions
- * byte-exact until both are done, half-close included.
+ * One proxied connection: once connect.ts has a backend for it, forward both
+ * directions byte-exact until both are done, half-close included.
  *
  * The two sockets are Node's libuv stream handles, not net.Sockets (why: uv.ts).
  * The data path, and why it looks the way it does:
@@ -45,9 +45,11 @@
 import { LOG_DEBUG, LOG_ERR } from './log.ts';
 import { strerror } from './strerror.ts';
 import { headerFor, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
-import { uv, UV_EOF, type ConnectReq, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
+import { uv, UV_EOF, type ShutdownReq, type StreamHandle, type TcpHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
+import { tick } from './clock.ts';
 import type { Address } from './address.ts';
+import type { BackendPolicy } from './connect.ts';
 import type { Stats } from './stats.ts';
 
 export type { StreamHandle } from './uv.ts';
@@ -89,8 +91,8 @@ function newWriteReq(): WriteReq {
   return req;
 }
 
-/** What the engine provides to each connection. */
-export interface ConnectionOwner {
+/** What the engine provides to each connection (BackendPolicy: how connect.ts establishes its backend). */
+export interface ConnectionOwner extends BackendPolicy {
   readonly target: Address;
   /** Set TCP_NODELAY on a TCP backend socket (the engine does the accepted one). */
   readonly noDelay: boolean;
@@ -135,15 +137,31 @@ export interface Connection {
   /** For host-name targets: the resolved addresses still to try. */
   candidates: string[];
   candidateIndex: number;
+  /**
+   * The coarse clock (clock.ts) at the last data moved either way, for --idle-timeout=;
+   * -1 until the backend is connected (establishing is bounded by connect.ts's options).
+   */
+  lastActive: number;
+  /** connect.ts: the --connect-timeout= timer of the attempt in flight. */
+  connectTimer: NodeJS.Timeout | null;
+  /** connect.ts, with --connect-retry=: when the wait for the backend ends (performance.now() ms). */
+  deadline: number;
+  /** connect.ts: queued waiting for the backend (not connecting now). */
+  waiting: boolean;
 }
 
 const kConn = Symbol('socket-proxyd.connection');
 
-interface ProxyHandle extends StreamHandle {
+export interface ProxyHandle extends StreamHandle {
   [kConn]: Connection;
 }
 
-/** Take over an accepted client handle and start connecting to the target. */
+/** The connection a handle of ours belongs to. */
+export function connectionOf(handle: StreamHandle): Connection {
+  return (handle as ProxyHandle)[kConn];
+}
+
+/** Take over an accepted client handle; connect.ts's establish() then finds it a backend. */
 export function startConnection(owner: ConnectionOwner, handle: StreamHandle): Connection {
   const client = handle as ProxyHandle;
   const conn: Connection = {
@@ -164,92 +182,45 @@ export function startConnection(owner: ConnectionOwner, handle: StreamHandle): C
     openHandles: 1,
     candidates: [],
     candidateIndex: 0,
+    lastActive: -1,
+    connectTimer: null,
+    deadline: 0,
+    waiting: false,
   };
   client[kConn] = conn;
   // The client is not read until the backend is connected (as the reference):
   // nothing is buffered for a backend that may never answer.
   client.onread = onClientRead;
-
-  const target = owner.target;
-  if (target.kind === 'name') owner.resolve(conn);
-  else if (target.kind === 'unix') connectBackend(conn, target.path, 0, 0);
-  else connectBackend(conn, target.host, target.port, target.family);
   return conn;
 }
 
-/** Connect a new backend handle: `family` 0 for a UNIX path, else 4 or 6 (an IP literal, no DNS). */
-function connectBackend(conn: Connection, address: string, port: number, family: number): void {
-  let err: number;
-  let backend: ProxyHandle;
-  if (family === 0) {
-    const pipe = new uv.Pipe(uv.PIPE_SOCKET);
-    backend = pipe as unknown as ProxyHandle;
-    backend[kConn] = conn;
-    err = pipe.connect(newConnectReq(new uv.PipeConnectWrap()), address);
-  } else {
-    const tcp = new uv.TCP(uv.TCP_SOCKET);
-    // Before connect, libuv only records this and sets it when it creates the socket.
-    if (conn.owner.noDelay) tcp.setNoDelay(true);
-    backend = tcp as unknown as ProxyHandle;
-    backend[kConn] = conn;
-    const req = newConnectReq(new uv.TCPConnectWrap());
-    err = family === 6 ? tcp.connect6(req, address, port) : tcp.connect(req, address, port);
-  }
+/** Make a new, not yet connected, backend handle the connection's (connect.ts). */
+export function adoptBackend(conn: Connection, handle: StreamHandle): void {
+  const backend = handle as ProxyHandle;
+  backend[kConn] = conn;
   backend.onread = onBackendRead;
   conn.backend = backend;
   conn.openHandles++;
-  // A failure to even start (e.g. EMFILE from socket()) is reported like a refused
-  // connection, but later: the caller has not finished setting the connection up.
-  if (err !== 0) process.nextTick(onConnectComplete, err, backend);
 }
 
-function newConnectReq(req: ConnectReq): ConnectReq {
-  req.oncomplete = onConnectComplete;
-  return req;
+/** Give up a backend handle whose connect failed or timed out (a pending connect is cancelled). */
+export function dropBackend(conn: Connection): void {
+  if (conn.backend === null) return;
+  closeHandle(conn.backend);
+  conn.backend = null;
 }
 
-/** Called by the owner's resolver with the addresses for a host-name target. */
-export function resolved(conn: Connection, err: unknown, addresses: string[]): void {
-  if (conn.closing) return;
-  if (err !== null || addresses.length === 0) {
-    conn.owner.log(LOG_ERR, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
-    conn.owner.stats.backendFailures++;
-    teardown(conn);
-    return;
-  }
-  conn.candidates = addresses;
-  conn.candidateIndex = 0;
-  tryNextCandidate(conn);
-}
-
-function tryNextCandidate(conn: Connection): void {
-  const host = conn.candidates[conn.candidateIndex++] as string;
-  const target = conn.owner.target as { port: number };
-  connectBackend(conn, host, target.port, host.includes(':') ? 6 : 4);
-}
-
-/** The backend connect finished (`this` is the request; unused). */
-function onConnectComplete(status: number, handle: StreamHandle): void {
-  const backend = handle as ProxyHandle;
-  const conn = backend[kConn];
-  // Closing cancels a pending connect; the handle is already on its way out.
-  if (conn.closing || backend !== conn.backend) return;
-  if (status !== 0) {
-    closeHandle(backend);
-    conn.backend = null;
-    // A host name may have more addresses: try them in order, like a client would.
-    if (conn.candidateIndex < conn.candidates.length) {
-      tryNextCandidate(conn);
-      return;
-    }
-    conn.owner.log(LOG_ERR, `Failed to connect to remote host: ${strerror(errnoCode(status))}`);
-    conn.owner.stats.backendFailures++;
-    teardown(conn);
-    return;
-  }
-  conn.candidates = [];
+/**
+ * The backend connected (connect.ts): send the PROXY header if asked, then forward.
+ * From here the connection is subject to --idle-timeout= and --keepalive=.
+ */
+export function established(conn: Connection, backend: ProxyHandle): void {
+  conn.lastActive = tick;
+  const owner = conn.owner;
+  // Set after connect: before it, libuv would record the flag but apply its own 60 s delay.
+  if (owner.keepAliveSec > 0 && backend instanceof uv.TCP) (backend as unknown as TcpHandle).setKeepAlive(true, owner.keepAliveSec);
   // The header goes out before the client is read, so no client byte can overtake it.
-  if (conn.owner.proxyProtocol !== 0 && !sendProxyHeader(conn, backend, conn.owner.proxyProtocol)) return;
+  if (owner.proxyProtocol !== 0 && !sendProxyHeader(conn, backend, owner.proxyProtocol)) return;
   const client = conn.client;
   client.useUserBuffer(SHARED);
   backend.useUserBuffer(SHARED);
@@ -301,7 +272,7 @@ function headerFailed(conn: Connection, err: number): void {
   teardown(conn);
 }
 
-function errnoCode(status: number): { code: string } {
+export function errnoCode(status: number): { code: string } {
   return { code: getSystemErrorName(status) };
 }
 
@@ -363,7 +334,8 @@ function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: n
     fail(conn, dest, err);
     return SHARED;
   }
-  // The only per-read cost of the statistics: one add.
+  // The only per-read costs of the statistics and of --idle-timeout=: one add, one store.
+  conn.lastActive = tick;
   if (fromClient) conn.owner.stats.bytesToBackend += n;
   else conn.owner.stats.bytesToClient += n;
   if (state[kLastWriteWasAsync] !== 0) {
@@ -416,6 +388,8 @@ function onWriteComplete(this: WriteReq, status: number, handle: StreamHandle): 
   this.buffer = null;
   const conn = completed(status, handle);
   if (conn === null) return;
+  // A slow reader that takes data is not idle (a write completing late is rare: no cost on the fast path).
+  conn.lastActive = tick;
   const dest = handle as ProxyHandle;
   let src: ProxyHandle;
   if (dest === conn.backend) {
@@ -484,7 +458,7 @@ function onShutdownComplete(this: ShutdownReq, status: number, handle: StreamHan
  * in CLOSE_WAIT, where getpeername() works; after a reset it is CLOSED: ENOTCONN.
  * `shutDown`: we have already sent our FIN to this peer, so ENOTCONN proves nothing.
  */
-function peerReset(handle: StreamHandle, shutDown: boolean): boolean {
+export function peerReset(handle: StreamHandle, shutDown: boolean): boolean {
   if (shutDown) return false;
   return handle.getpeername !== undefined && handle.getpeername({}) !== 0;
 }

@@ -376,6 +376,9 @@ export async function main(argv: string[]): Promise<void> {
       proxyProtocol: options.proxyProtocol,
       noDelay: options.noDelay,
       ...(options.idleTimeoutUsec !== undefined ? { idleTimeoutUsec: options.idleTimeoutUsec } : {}),
+      ...(options.connectTimeoutUsec !== undefined ? { connectTimeoutUsec: options.connectTimeoutUsec } : {}),
+      ...(options.connectRetryUsec !== undefined ? { connectRetryUsec: options.connectRetryUsec } : {}),
+      ...(options.keepAliveUsec !== undefined ? { keepAliveUsec: options.keepAliveUsec } : {}),
       logger: log,
       onIdle: stop,
     });

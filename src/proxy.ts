@@ -17,13 +17,9 @@ import { getSystemErrorName } from 'node:util';
 import { formatAddress, formatPeer, type Address } from './address.ts';
 import { MSG_NOT_STREAM } from './activation.ts';
 import { EINVAL, ENOTSOCK, ProxyError } from './errors.ts';
-import {
-  destroyConnection,
-  resolved,
-  startConnection,
-  type Connection,
-  type StreamHandle,
-} from './forward.ts';
+import { createWaitQueue, establish, released, resolved } from './connect.ts';
+import { destroyConnection, startConnection, type Connection, type StreamHandle } from './forward.ts';
+import { createIdleWatch, unwatchIdle, watchIdle, type IdleWatch } from './idle.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
 import { DEFAULT_ROUTE_LABEL, type Route, type RouteSpec } from './route.ts';
 import { createStats, type Stats } from './stats.ts';
@@ -51,6 +47,19 @@ export interface ProxyOptions {
    * never; undefined: not given (datagram flows then end after 60 s, as UDP has no close).
    */
   readonly idleTimeoutUsec?: bigint | null;
+  /**
+   * --connect-timeout=: abandon an attempt to connect to one address of the target after
+   * this long (microseconds), and try the next; null, 0 or undefined: the kernel's bound.
+   */
+  readonly connectTimeoutUsec?: bigint | null;
+  /**
+   * --connect-retry=: while the backend is not there yet (refused, no socket file, a full
+   * backlog, a connect timeout, a name that does not resolve), keep the client waiting and
+   * try again until this long after its accept; null (no limit) or 0/undefined: no retry.
+   */
+  readonly connectRetryUsec?: bigint | null;
+  /** --keepalive=: SO_KEEPALIVE on both TCP sockets, first probe after this long idle; 0/null/undefined: off. */
+  readonly keepAliveUsec?: bigint | null;
   readonly logger: Logger;
   /** Called when the idle timer expires (the CLI exits 0). */
   readonly onIdle?: () => void;
@@ -96,10 +105,13 @@ export interface Proxy {
   closed: boolean;
   /** While draining: called once, when the last connection has been released. */
   onDrained: (() => void) | null;
+  /** --idle-timeout= for stream connections (idle.ts); null without it. */
+  readonly idle: IdleWatch | null;
 }
 
 const kRoute = Symbol('socket-proxyd.route');
 const kNoDelay = Symbol('socket-proxyd.noDelay');
+const kKeepAlive = Symbol('socket-proxyd.keepAlive');
 
 interface ServerHandle {
   onconnection: (err: number, handle?: StreamHandle) => void;
@@ -107,10 +119,21 @@ interface ServerHandle {
   [kRoute]?: Route;
   /** Set TCP_NODELAY on each accepted handle: noDelay is on and this is a TCP listener. */
   [kNoDelay]?: boolean;
+  /** SO_KEEPALIVE idle seconds for each accepted handle (TCP listener, --keepalive=); 0: none. */
+  [kKeepAlive]?: number;
 }
 
 /** setTimeout() cannot wait longer than this (2^31-1 ms, ~24.8 days). */
 const MAX_TIMER_MS = 0x7fffffff;
+
+/** The largest TCP_KEEPIDLE Linux accepts (MAX_TCP_KEEPIDLE), in seconds. */
+export const MAX_KEEPIDLE_SEC = 32767;
+
+/** Microseconds to whole milliseconds, rounded up; null (infinity) is 0 where 0 means "no bound". */
+function usecToMs(usec: bigint | null | undefined): number {
+  if (usec === null || usec === undefined) return 0;
+  return Number((usec + 999n) / 1000n);
+}
 
 /** A backlog Node passes to listen(2) again on an inherited socket: the kernel caps it at somaxconn. */
 const INHERITED_BACKLOG = 0x7fffffff;
@@ -125,13 +148,14 @@ export function createProxy(options: ProxyOptions): Proxy {
     specs.push(r);
   }
   if (specs.length === 0) throw new ProxyError('ERR_ROUTE', 'No target given.', EINVAL);
+  const connections = new Set<Connection>();
   const proxy: Proxy = {
     options,
     routes: [],
     log: options.logger.log.bind(options.logger),
     stats: createStats(),
     servers: [],
-    connections: new Set(),
+    connections,
     flows: 0,
     closeDatagrams: null,
     stopDatagrams: null,
@@ -139,28 +163,54 @@ export function createProxy(options: ProxyOptions): Proxy {
     idleDeadline: 0,
     closed: false,
     onDrained: null,
+    idle: createIdleWatch(options.idleTimeoutUsec, connections),
   };
   const logger = options.logger;
   const noDelay = options.noDelay ?? true;
   const proxyProtocol = options.proxyProtocol === 'v1' ? 1 : options.proxyProtocol === 'v2' ? 2 : 0;
+  const connectTimeoutMs = usecToMs(options.connectTimeoutUsec);
+  // No limit: wait as long as the client does (its reset still ends the wait).
+  const connectRetryMs = options.connectRetryUsec === null ? Infinity : usecToMs(options.connectRetryUsec);
+  const keepAliveSec = keepAliveSeconds(options.keepAliveUsec);
   // With one route every line is the reference's; with several, each says its route.
   const several = specs.length > 1;
   for (const spec of specs) {
-    proxy.routes.push({
+    const prefix = several ? `${spec.name ?? DEFAULT_ROUTE_LABEL}: ` : '';
+    const log = several ? routeLog : logger.log.bind(logger);
+    const route: Route = {
       name: spec.name,
       target: spec.target,
       proxy,
-      prefix: several ? `${spec.name ?? DEFAULT_ROUTE_LABEL}: ` : '',
+      prefix,
       noDelay,
-      log: several ? routeLog : logger.log.bind(logger),
+      log,
       release: releaseConnection,
       resolve: resolveTarget,
       proxyProtocol,
       stats: createStats(),
       open: 0,
-    });
+      connectTimeoutMs,
+      connectRetryMs,
+      keepAliveSec,
+      wait: null,
+    };
+    if (connectRetryMs > 0) route.wait = createWaitQueue(route);
+    proxy.routes.push(route);
   }
   return proxy;
+}
+
+/**
+ * --keepalive= in whole seconds (TCP_KEEPIDLE's unit), at least 1; 0 for off. Beyond
+ * Linux's limit is an error here (args.ts refuses it first, with the option's message).
+ */
+function keepAliveSeconds(usec: bigint | null | undefined): number {
+  if (usec === null || usec === undefined || usec === 0n) return 0;
+  const sec = Number((usec + 999_999n) / 1_000_000n);
+  if (sec > MAX_KEEPIDLE_SEC) {
+    throw new ProxyError('ERR_USAGE', `Keepalive idle time is too long (at most ${MAX_KEEPIDLE_SEC} s).`, EINVAL);
+  }
+  return sec;
 }
 
 /** A route's log line, prefixed with its name (only used with several routes). */
@@ -275,6 +325,7 @@ function startServer(
       handle[kRoute] = route;
       // Decided once per listener: accepted handles are of the listener's type.
       handle[kNoDelay] = route.noDelay && handle instanceof uv.TCP;
+      handle[kKeepAlive] = handle instanceof uv.TCP ? route.keepAliveSec : 0;
       handle.onconnection = onConnection;
       // Accept errors after start-up are logged, never fatal.
       server.on('error', onServerError);
@@ -319,7 +370,12 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
   // One setsockopt per accepted socket. A failure (the peer already reset) costs only
   // timing, and the connection's first read or write reports the real error.
   if (this[kNoDelay] === true) (handle as TcpHandle).setNoDelay(true);
-  proxy.connections.add(startConnection(route, handle));
+  const keepAlive = this[kKeepAlive] as number;
+  if (keepAlive > 0) (handle as TcpHandle).setKeepAlive(true, keepAlive);
+  if (proxy.idle !== null) watchIdle(proxy.idle);
+  const conn = startConnection(route, handle);
+  proxy.connections.add(conn);
+  establish(conn);
 }
 
 function peerName(handle: StreamHandle): string {
@@ -351,9 +407,11 @@ function addressOf(a: LookupAddress): string {
 
 function releaseConnection(this: Route, conn: Connection): void {
   this.open--;
+  released(conn);
   const proxy = this.proxy;
   proxy.connections.delete(conn);
   if (proxy.connections.size !== 0) return;
+  if (proxy.idle !== null) unwatchIdle(proxy.idle);
   const drained = proxy.onDrained;
   if (drained === null) {
     armIdleTimer(proxy);

@@ -44,6 +44,12 @@ export interface TcpHandle extends StreamHandle {
    * it creates the socket, so the connect path costs no extra call.
    */
   setNoDelay(enable: boolean): number;
+  /**
+   * uv_tcp_keepalive(): SO_KEEPALIVE with TCP_KEEPIDLE = delay seconds (libuv also sets
+   * TCP_KEEPINTVL = 1 and TCP_KEEPCNT = 10); 0 or a negative errno. Only on a connected
+   * socket: before connect libuv records the flag but applies a fixed 60 s delay.
+   */
+  setKeepAlive(enable: boolean, delaySeconds: number): number;
 }
 
 export interface PipeHandle extends StreamHandle {
