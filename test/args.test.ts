@@ -155,9 +155,9 @@ const TABLE: Row[] = [
     argv: ['--=5', 'x'],
     want: glibc(
       "option '--=5' is ambiguous; possibilities:" +
-        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout'",
+        " '--connections-max' '--exit-idle-time' '--help' '--version' '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout' '--connect-timeout' '--connect-retry' '--keepalive'",
     ),
-    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout'",
+    refSuffix: " '--listen' '--proxy-protocol' '--drain-timeout' '--metrics' '--nodelay' '--listen-datagram' '--idle-timeout' '--connect-timeout' '--connect-retry' '--keepalive'",
   },
 
   // Routes (issue 12): NAME=TARGET positionals besides at most one plain TARGET. A leading
@@ -269,6 +269,32 @@ const TABLE: Row[] = [
   { argv: ['--idle-timeout=infinity', 'x'], oursOnly: true, want: ok('x', {}, { idleTimeoutUsec: null }) },
   { argv: ['--idle-timeout=soon', 'x'], oursOnly: true, want: fail('Failed to parse --idle-timeout= argument: soon') },
   { argv: ['--idle-timeout=-1', 'x'], oursOnly: true, want: fail('Failed to parse --idle-timeout= argument: -1', ERANGE) },
+  { argv: ['--idle-timeout=0', 'x'], oursOnly: true, want: ok('x', {}, { idleTimeoutUsec: 0n }) },
+
+  // --connect-timeout, --connect-retry, --keepalive (ours, issue 11): spans.
+  { argv: ['--connect-timeout=5s', 'x'], oursOnly: true, want: ok('x', {}, { connectTimeoutUsec: 5_000_000n }) },
+  { argv: ['--connect-timeout=infinity', 'x'], oursOnly: true, want: ok('x', {}, { connectTimeoutUsec: null }) },
+  { argv: ['--connect-timeout=0', 'x'], oursOnly: true, want: ok('x', {}, { connectTimeoutUsec: null }) },
+  { argv: ['--connect-timeout=5 parsecs', 'x'], oursOnly: true, want: fail('Failed to parse --connect-timeout= argument: 5 parsecs') },
+  { argv: ['--connect-t', '1min', 'x'], oursOnly: true, want: ok('x', {}, { connectTimeoutUsec: 60_000_000n }) },
+  { argv: ['--connect-retry=30s', 'x'], oursOnly: true, want: ok('x', {}, { connectRetryUsec: 30_000_000n }) },
+  { argv: ['--connect-retry=infinity', 'x'], oursOnly: true, want: ok('x', {}, { connectRetryUsec: null }) },
+  { argv: ['--connect-retry=0', 'x'], oursOnly: true, want: ok('x', {}, { connectRetryUsec: 0n }) },
+  { argv: ['--connect-retry=', 'x'], oursOnly: true, want: fail('Failed to parse --connect-retry= argument: ') },
+  { argv: ['--connect-r=-5s', 'x'], oursOnly: true, want: fail('Failed to parse --connect-retry= argument: -5s', ERANGE) },
+  { argv: ['--keepalive=1min', 'x'], oursOnly: true, want: ok('x', {}, { keepAliveUsec: 60_000_000n }) },
+  { argv: ['--keepalive=0', 'x'], oursOnly: true, want: ok('x', {}, { keepAliveUsec: 0n }) },
+  { argv: ['--keepalive=infinity', 'x'], oursOnly: true, want: ok('x', {}, { keepAliveUsec: 0n }) },
+  { argv: ['--keepalive=32767s', 'x'], oursOnly: true, want: ok('x', {}, { keepAliveUsec: 32_767_000_000n }) },
+  { argv: ['--keepalive=32768s', 'x'], oursOnly: true, want: fail('Failed to parse --keepalive= argument: 32768s', ERANGE) },
+  { argv: ['--keepalive=12h', 'x'], oursOnly: true, want: fail('Failed to parse --keepalive= argument: 12h', ERANGE) },
+  { argv: ['--keepalive=often', 'x'], oursOnly: true, want: fail('Failed to parse --keepalive= argument: often') },
+  { argv: ['--connect-=1s', 'x'], oursOnly: true, want: glibc("option '--connect-=1s' is ambiguous; possibilities: '--connect-timeout' '--connect-retry'") },
+  // A drop-in: abbreviations of the reference's own options keep meaning them, although
+  // --connect-timeout/--connect-retry share the prefix. Both sides run these.
+  { argv: ['--connect=5', 'x'], want: ok('x', { c: 5 }) },
+  { argv: ['--c', '7', 'x'], want: ok('x', { c: 7 }) },
+  { argv: ['--conn=3', 'x'], want: ok('x', { c: 3 }) },
   { argv: ['--listen=', 'x'], oursOnly: true, want: ok('x', { listen: [''] }) },
   { argv: ['x', '--listen', '-h'], oursOnly: true, want: ok('x', { listen: ['-h'] }) },
   { argv: ['--listen'], oursOnly: true, want: glibc("option '--listen' requires an argument") },
@@ -561,8 +587,18 @@ plain TARGET takes every other socket.
                           HOST:PORT or [IPv6]:PORT) and forward them, one flow
                           per client; may be repeated; NAME= names the socket
                           for routes
-     --idle-timeout=SPAN  End a UDP flow after this long without a datagram
-                          either way (default: 60s)
+     --idle-timeout=SPAN  Close a connection after this long without data either
+                          way (default: infinity); a UDP flow after this long
+                          without a datagram (default: 60s)
+     --connect-timeout=SPAN
+                          Give up connecting to one address of the target after
+                          this long and try the next (default: infinity)
+     --connect-retry=SPAN Wait up to SPAN after accepting a client for a backend
+                          that is not listening yet, trying again with backoff
+                          (default: 0, fail at once)
+     --keepalive=SPAN     Enable TCP keepalive on both sockets of a connection,
+                          first probe after SPAN idle, at most 32767s
+                          (default: off)
   -h --help               Show this help
      --version            Show package version
 

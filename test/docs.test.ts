@@ -65,6 +65,7 @@ const EXPECTED_FILES: Record<string, string[]> = {
   'nginx-unix': ['nginx.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
   'nginx-namespace': ['nginx.conf', 'nginx.service.d/private-network.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
   'idle-exit': ['nginx.conf', 'nginx.service.d/stop-when-unneeded.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
+  'lazy-start': ['nginx.conf', 'proxy-to-nginx.service', 'proxy-to-nginx.socket'],
 };
 
 /** The routes example (issue 12): two named socket units, one service for both. */
@@ -100,6 +101,14 @@ test('examples/: the man page\'s two examples plus the idle-exit one, all Type=n
   assert.ok(ns.includes('JoinsNamespaceOf=nginx.service'));
   assert.deepEqual(execStart(join(EXAMPLES, 'nginx-namespace', 'proxy-to-nginx.service')).slice(1), ['127.0.0.1:8080']);
   assert.ok(directives(join(EXAMPLES, 'nginx-namespace', 'nginx.service.d', 'private-network.conf')).includes('PrivateNetwork=yes'));
+  // Lazy start (issue 11): waits for the backend, bounds connects, idle and dead peers.
+  assert.deepEqual(execStart(join(EXAMPLES, 'lazy-start', 'proxy-to-nginx.service')).slice(1), [
+    '--connect-retry=30s',
+    '--connect-timeout=5s',
+    '--idle-timeout=1h',
+    '--keepalive=5min',
+    '/run/nginx/socket',
+  ]);
   const idleArgs = execStart(join(EXAMPLES, 'idle-exit', 'proxy-to-nginx.service')).slice(1);
   assert.ok(idleArgs.some((a) => a.startsWith('--exit-idle-time=')), 'idle-exit passes --exit-idle-time=');
   assert.deepEqual(directives(join(EXAMPLES, 'idle-exit', 'nginx.service.d', 'stop-when-unneeded.conf')), [
@@ -429,11 +438,14 @@ test('man page: documents exactly the options of --help, with the same synopsis 
   const text = renderMan();
   const helpLong = [...new Set(help.match(/--[a-z][a-z-]*/g) ?? [])].sort();
   assert.deepEqual(helpLong, [
+    '--connect-retry',
+    '--connect-timeout',
     '--connections-max',
     '--drain-timeout',
     '--exit-idle-time',
     '--help',
     '--idle-timeout',
+    '--keepalive',
     '--listen',
     '--listen-datagram',
     '--metrics',
