@@ -163,7 +163,10 @@ export function readAll(s: Socket, timeoutMs = 10_000): Promise<{ data: Buffer; 
   return new Promise((res) => {
     const chunks: Buffer[] = [];
     const timer = setTimeout(() => done('timeout'), timeoutMs);
+    let finished = false;
     function done(ended: 'eof' | 'error' | 'timeout', error?: string): void {
+      if (finished) return;
+      finished = true;
       clearTimeout(timer);
       s.removeAllListeners('data');
       res(error === undefined ? { data: Buffer.concat(chunks), ended } : { data: Buffer.concat(chunks), ended, error });
@@ -171,6 +174,8 @@ export function readAll(s: Socket, timeoutMs = 10_000): Promise<{ data: Buffer; 
     s.on('data', (d: Buffer) => chunks.push(d));
     s.once('end', () => done('eof'));
     s.once('error', (e: NodeJS.ErrnoException) => done('error', e.code ?? e.message));
+    // Destroyed by the test itself (no 'end', no 'error'): stop waiting, so no timer outlives it.
+    s.once('close', () => done('error', 'closed'));
   });
 }
 
