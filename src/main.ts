@@ -18,6 +18,7 @@ import { statisticsLine, statusSummary, type Stats } from './stats.ts';
 import { strerror } from './strerror.ts';
 import { formatTimespan } from './timespan.ts';
 import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd, openFlows } from './datagram.ts';
+import { waitingCount } from './connect.ts';
 
 type NotifyModule = typeof import('./notify.ts');
 type MetricsModule = typeof import('./metrics.ts');
@@ -181,7 +182,7 @@ let lastStatusAt = 0;
 let lastExtendAt = 0;
 
 function runningStatus(p: Proxy): string {
-  return `Processing requests: ${statusSummary(totalStats(p), p.connections.size, p.flows)}`;
+  return `Processing requests: ${statusSummary(totalStats(p), p.connections.size, p.flows, waitingTotal(p))}`;
 }
 
 function drainingStatus(open: number): string {
@@ -229,7 +230,7 @@ function statusTick(): void {
  */
 function logStatistics(): void {
   if (proxy === null || logger === null) return;
-  logger.log(LOG_INFO, statisticsLine(totalStats(proxy), proxy.connections.size, proxy.flows));
+  logger.log(LOG_INFO, statisticsLine(totalStats(proxy), proxy.connections.size, proxy.flows, waitingTotal(proxy)));
 }
 
 /**
@@ -275,9 +276,16 @@ async function serveMetrics(p: Proxy, address: Address, log: Logger): Promise<vo
  * One sample per route, labelled by route name ("(default)" for the default) once there
  * are several. A route's datagram flows count in its own sample, as its connections do.
  */
-function metricsSamples(p: Proxy): { route: string | null; stats: Stats; open: number; flows: number }[] {
-  if (p.routes.length === 1) return [{ route: null, stats: totalStats(p), open: p.connections.size, flows: p.flows }];
-  return p.routes.map((r) => ({ route: r.name ?? DEFAULT_ROUTE_LABEL, stats: r.stats, open: r.open, flows: openFlows(p, r) }));
+/** Clients waiting for their backend now; undefined without --connect-retry= (then nobody can). */
+function waitingTotal(p: Proxy): number | undefined {
+  let total: number | undefined;
+  for (const r of p.routes) if (r.wait !== null) total = (total ?? 0) + waitingCount(r.wait);
+  return total;
+}
+
+function metricsSamples(p: Proxy): { route: string | null; stats: Stats; open: number; flows: number; waiting: number }[] {
+  if (p.routes.length === 1) return [{ route: null, stats: totalStats(p), open: p.connections.size, flows: p.flows, waiting: waitingTotal(p) ?? 0 }];
+  return p.routes.map((r) => ({ route: r.name ?? DEFAULT_ROUTE_LABEL, stats: r.stats, open: r.open, flows: openFlows(p, r), waiting: waitingCount(r.wait) }));
 }
 
 /**

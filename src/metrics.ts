@@ -33,6 +33,8 @@ export interface MetricsSample {
   readonly open: number;
   /** Datagram flows open now. */
   readonly flows?: number;
+  /** Client connections waiting for their backend now (--connect-retry=), counted in `open` too. */
+  readonly waiting?: number;
 }
 
 export interface MetricsSource {
@@ -143,6 +145,12 @@ export function renderMetrics(source: MetricsSource): string {
   const P = 'socket_proxyd_';
   return [
     family(`${P}connections_open`, 'gauge', 'Client connections open now (backend connecting or connected).', per(`${P}connections_open`, (s) => s.open)),
+    family(
+      `${P}connections_waiting`,
+      'gauge',
+      'Client connections waiting for the backend to listen (--connect-retry=), included in connections_open.',
+      per(`${P}connections_waiting`, (s) => s.waiting ?? 0),
+    ),
     family(`${P}connections_max`, 'gauge', 'Connections allowed open at once (--connections-max=).', [`${P}connections_max ${source.connectionsMax}\n`]),
     family(`${P}connections_accepted_total`, 'counter', 'Client connections accepted and forwarded.', per(`${P}connections_accepted_total`, (s) => s.stats.accepted)),
     family(

@@ -29,17 +29,19 @@ export function createStats(): Stats {
 
 /**
  * What STATUS= shows: the connection counters (bytes change too often to be a status).
- * Datagram flows only once there has been one, so a stream-only proxy's line stays short.
+ * Datagram flows only once there has been one, so a stream-only proxy's line stays short;
+ * clients waiting for their backend only when they can (`waiting` given: --connect-retry=).
  */
-export function statusSummary(stats: Stats, open: number, flowsOpen = 0): string {
+export function statusSummary(stats: Stats, open: number, flowsOpen = 0, waiting?: number): string {
   const flows = stats.flows === 0 ? '' : `, ${flowsOpen} flows open, ${stats.flows} flows opened`;
-  return `${open} open, ${stats.accepted} accepted, ${stats.refused} refused by limit, ${stats.backendFailures} backend failures${flows}`;
+  const wait = waiting === undefined ? '' : `, ${waiting} waiting for backend`;
+  return `${open} open${wait}, ${stats.accepted} accepted, ${stats.refused} refused by limit, ${stats.backendFailures} backend failures${flows}`;
 }
 
 /** The SIGUSR1 log line: the status counters plus bytes forwarded each way. */
-export function statisticsLine(stats: Stats, open: number, flowsOpen = 0): string {
+export function statisticsLine(stats: Stats, open: number, flowsOpen = 0, waiting?: number): string {
   return (
-    `Statistics: ${statusSummary(stats, open, flowsOpen)}, ` +
+    `Statistics: ${statusSummary(stats, open, flowsOpen, waiting)}, ` +
     `${stats.bytesToBackend} bytes client->backend, ${stats.bytesToClient} bytes backend->client`
   );
 }

@@ -11,7 +11,8 @@
  */
 import { afterEach, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { request } from 'node:http';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -572,3 +573,57 @@ for (const keepalive of [true, false]) {
     }
   });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waiting clients in the statistics (issue 13's STATUS=/SIGUSR1 line and /metrics)
+
+function getMetrics(socketPath: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, path: '/metrics', agent: false }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (body += d));
+      res.on('end', () => resolve(body));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+test('--connect-retry=: waiting clients are shown by the statistics line (as in STATUS=) and the metrics, which promtool accepts', async () => {
+  const port = await freePort();
+  const path = sockPath('front');
+  const metrics = sockPath('metrics');
+  const proxy = await startProxy({ args: [`--listen=${path}`, `--metrics=${metrics}`, '--connect-retry=30s', `127.0.0.1:${port}`] });
+  try {
+    await served(path, proxy);
+    await served(metrics, proxy);
+    for (let i = 0; i < 3; i++) await client({ path }, Buffer.from('w'));
+    await sleep(300);
+    proxy.child.kill('SIGUSR1');
+    await waitFor(() => proxy.stderr().includes('Statistics: '), 5000, 'the statistics line');
+    assert.match(proxy.stderr(), /Statistics: 3 open, 3 waiting for backend, 3 accepted, 0 refused by limit, 0 backend failures, /);
+    const text = await getMetrics(metrics);
+    assert.match(text, /^socket_proxyd_connections_waiting 3$/m);
+    assert.match(text, /^socket_proxyd_connections_open 3$/m);
+    const checked = spawnSync('promtool', ['check', 'metrics'], { input: text, encoding: 'utf8', timeout: 30_000 });
+    assert.equal(checked.error, undefined, 'promtool runs (Debian: prometheus, installed by scripts/ci-deps.sh)');
+    assert.equal(checked.status, 0, checked.stdout + checked.stderr);
+  } finally {
+    await proxy.stop();
+  }
+});
+
+test('control: without --connect-retry= the statistics line has no waiting count', async () => {
+  const backend = await startBackend(echo);
+  const proxy = await startProxy({ args: [backend.address], listen: [{ kind: 'tcp' }] });
+  try {
+    await sleep(300);
+    proxy.child.kill('SIGUSR1');
+    await waitFor(() => proxy.stderr().includes('Statistics: '), 5000, 'the statistics line');
+    assert.match(proxy.stderr(), /Statistics: 0 open, 0 accepted, /);
+  } finally {
+    await proxy.stop();
+    await backend.close();
+  }
+});
