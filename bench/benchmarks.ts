@@ -7,7 +7,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ACTIVATE_SCRIPT, foreignLoad, runBounded, start, listenLoopback, which } from './procs.ts';
 import type { Usage } from './procs.ts';
-import { PROXIES, OURS_CLI, REF_BIN, ppTargetArg } from './proxies.ts';
+import { FLAVOURS, PROXIES, OURS_CLI, REF_BIN, ppTargetArg } from './proxies.ts';
 import type { ProxyName, RunningProxy, Target } from './proxies.ts';
 import { startEcho, startIperf, startNginxHttp, startNginxStatic, STATIC_FILE, TOOLS } from './backends.ts';
 import { newRow, push } from './report.ts';
@@ -97,7 +97,7 @@ function delta(a: Usage, b: Usage): { cpu: number; minflt: number } {
  * keeps a full run within its time budget (they are context, not targets).
  */
 function measuredIn(run: number, name: ProxyName): boolean {
-  return run === 0 || name === 'ours' || name === 'ref' || name === 'ours-nagle' || name === 'ours-routes' || name === 'ours-pp2';
+  return run === 0 || name === 'ours' || name === 'ref' || FLAVOURS.includes(name);
 }
 
 const NOISY_CORES = 0.25;
@@ -262,7 +262,7 @@ function parseWrk(out: string): WrkResult | null {
   };
 }
 
-async function wrk(port: number, threads: number, conns: number, seconds: number, extra: string[] = [], urlPath = '/'): Promise<WrkResult | string> {
+export async function wrk(port: number, threads: number, conns: number, seconds: number, extra: string[] = [], urlPath = '/'): Promise<WrkResult | string> {
   const r = await runBounded(
     'wrk',
     ['-t', String(threads), '-c', String(conns), '-d', `${seconds}s`, '--timeout', '2s', '--latency', ...extra, `http://127.0.0.1:${port}${urlPath}`],
@@ -273,9 +273,9 @@ async function wrk(port: number, threads: number, conns: number, seconds: number
 }
 
 // wrk with 1 thread: the three processes (wrk, proxy, nginx with 1 worker) share 2 cores.
-const HTTP_THREADS = 1;
-const HTTP_CONNS = 32;
-const NEWCONN_CONNS = 8;
+export const HTTP_THREADS = 1;
+export const HTTP_CONNS = 32;
+export const NEWCONN_CONNS = 8;
 
 export async function benchHttp(cfg: Config): Promise<Section> {
   const sec = section('http', '2. HTTP keep-alive through the proxy to nginx (wrk)', cfg, [

@@ -7,15 +7,27 @@ import { execFileSync } from 'node:child_process';
 import { start, startActivated, sampleUsage, freePort, waitTcpListening, which } from './procs.ts';
 import type { Spawned, Usage } from './procs.ts';
 
-export const PROXY_NAMES = ['ours', 'ours-nagle', 'ours-routes', 'ours-pp2', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
+export const PROXY_NAMES = ['ours', 'ours-nagle', 'ours-routes', 'ours-pp2', 'ours-resilience', 'ref', 'socat', 'haproxy', 'nginx-stream', 'direct'] as const;
 export type ProxyName = (typeof PROXY_NAMES)[number];
 
+/** Flavours of ours that measure what one feature costs against plain `ours`: run on request only. */
+export const FLAVOURS: readonly ProxyName[] = ['ours-nagle', 'ours-routes', 'ours-pp2', 'ours-resilience'];
+
 /**
- * What runs when --proxies is not given. `ours-nagle` (ours with --nodelay=no) is there to
- * measure what TCP_NODELAY costs and saves, `ours-routes` (three routes) what routing by
- * name costs, `ours-pp2` (--proxy-protocol=v2) what the header costs, on request only.
+ * What runs when --proxies is not given. The flavours (ours-nagle: --nodelay=no, what
+ * TCP_NODELAY costs and saves; ours-routes: three routes, what routing by name costs;
+ * ours-pp2: --proxy-protocol=v2, what the header costs; ours-resilience: issue 11's
+ * options, what they cost) only when named.
  */
-export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => n !== 'ours-nagle' && n !== 'ours-routes' && n !== 'ours-pp2');
+export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => !FLAVOURS.includes(n));
+
+/**
+ * The options of `ours-resilience`, as issue 11's performance point sets them: every
+ * connection gets a connect timer (cleared when the connect completes), SO_KEEPALIVE with
+ * TCP_KEEPIDLE on each TCP socket, and the idle sweep's coarse clock stored on each read;
+ * none of them fires during a benchmark.
+ */
+export const RESILIENCE_OPTIONS: readonly string[] = ['--idle-timeout=1h', '--keepalive=1min', '--connect-timeout=5s'];
 
 /**
  * Where a proxy forwards to. `ppPort`/`ppPath`: the same backend listening where it expects a
@@ -79,24 +91,27 @@ async function started(name: ProxyName, s: Spawned, port: number, tree: boolean)
   return wrap(name, s, port, tree);
 }
 
-// With `--profile`, ours runs under `node --cpu-prof`; its SIGTERM handler exits through
-// process.exit(), which writes the profile.
+// With `--profile`, ours (and its flavours) run under `node --cpu-prof`; its SIGTERM handler
+// exits through process.exit(), which writes the profile.
 let profileDir: string | null = null;
 export function setProfileDir(dir: string | null): void {
   profileDir = dir;
+}
+
+/** Ours (or a flavour of it: `options` before the target arguments `args`), socket-activated. */
+async function startOurs(name: ProxyName, connMax: number, options: readonly string[], args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<RunningProxy> {
+  const prof = profileDir === null ? [] : ['--cpu-prof', `--cpu-prof-dir=${profileDir}`];
+  const s = await startActivated([process.execPath, ...prof, OURS_CLI, '-c', String(connMax), ...options, ...args], env);
+  const p = wrap(name, s, s.port, false);
+  // writing a profile takes a while
+  return profileDir === null ? p : { ...p, stop: () => s.stop(10000) };
 }
 
 const ours: ProxyDef = {
   name: 'ours',
   activated: true,
   unavailable: () => (existsSync(OURS_CLI) ? null : `${path.relative(REPO, OURS_CLI)} not built (npm run build)`),
-  start: async (t, _dir, connMax) => {
-    const prof = profileDir === null ? [] : ['--cpu-prof', `--cpu-prof-dir=${profileDir}`];
-    const s = await startActivated([process.execPath, ...prof, OURS_CLI, '-c', String(connMax), targetArg(t)]);
-    const p = wrap('ours', s, s.port, false);
-    // writing a profile takes a while
-    return profileDir === null ? p : { ...p, stop: () => s.stop(10000) };
-  },
+  start: (t, _dir, connMax) => startOurs('ours', connMax, [], [targetArg(t)]),
 };
 
 /** Ours with TCP_NODELAY off, as the reference runs: what the option costs and what it saves. */
@@ -104,10 +119,7 @@ const oursNagle: ProxyDef = {
   name: 'ours-nagle',
   activated: true,
   unavailable: ours.unavailable,
-  start: async (t, _dir, connMax) => {
-    const s = await startActivated([process.execPath, OURS_CLI, '--nodelay=no', '-c', String(connMax), targetArg(t)]);
-    return wrap('ours-nagle', s, s.port, false);
-  },
+  start: (t, _dir, connMax) => startOurs('ours-nagle', connMax, ['--nodelay=no'], [targetArg(t)]),
 };
 
 /**
@@ -120,11 +132,10 @@ const oursRoutes: ProxyDef = {
   name: 'ours-routes',
   activated: true,
   unavailable: ours.unavailable,
-  start: async (t, _dir, connMax) => {
+  start: (t, _dir, connMax) => {
     const target = targetArg(t);
-    const argv = [process.execPath, OURS_CLI, '-c', String(connMax), '--listen=db=127.0.0.1:0', '--listen=cache=127.0.0.1:0'];
-    const s = await startActivated([...argv, `web=${target}`, `db=${target}`, `cache=${target}`], { LISTEN_FDNAMES: 'web' });
-    return wrap('ours-routes', s, s.port, false);
+    const options = ['--listen=db=127.0.0.1:0', '--listen=cache=127.0.0.1:0'];
+    return startOurs('ours-routes', connMax, options, [`web=${target}`, `db=${target}`, `cache=${target}`], { LISTEN_FDNAMES: 'web' });
   },
 };
 
@@ -143,12 +154,19 @@ const oursPp2: ProxyDef = {
   activated: true,
   proxyProtocol: true,
   unavailable: ours.unavailable,
-  start: async (t, _dir, connMax) => {
+  start: (t, _dir, connMax) => {
     const target = ppTargetArg(t);
     if (target === null) throw new Error('needs a backend that expects the PROXY protocol');
-    const s = await startActivated([process.execPath, OURS_CLI, '--proxy-protocol=v2', '-c', String(connMax), target]);
-    return wrap('ours-pp2', s, s.port, false);
+    return startOurs('ours-pp2', connMax, ['--proxy-protocol=v2'], [target]);
   },
+};
+
+/** Ours with --idle-timeout=1h --keepalive=1min --connect-timeout=5s (issue 11): what they cost. */
+const oursResilience: ProxyDef = {
+  name: 'ours-resilience',
+  activated: true,
+  unavailable: ours.unavailable,
+  start: (t, _dir, connMax) => startOurs('ours-resilience', connMax, RESILIENCE_OPTIONS, [targetArg(t)]),
 };
 
 const ref: ProxyDef = {
@@ -267,6 +285,7 @@ export const PROXIES: Record<ProxyName, ProxyDef> = {
   'ours-nagle': oursNagle,
   'ours-routes': oursRoutes,
   'ours-pp2': oursPp2,
+  'ours-resilience': oursResilience,
   ref,
   socat,
   haproxy,

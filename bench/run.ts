@@ -5,9 +5,11 @@
 //                     [--results FILE] [--no-write] [--no-setup] [--profile] [--nice]
 //
 // NAME: bulk, http, newconn, idle, pingpong, coldstart, split.  Proxies: ours, ref, socat,
-// haproxy, nginx-stream, direct (no proxy: a baseline), and on request ours-routes (ours with three
-// routes by socket name), ours-nagle (ours with --nodelay=no) and ours-pp2 (ours with
-// --proxy-protocol=v2, in http and newconn only).  See bench/README.md.
+// haproxy, nginx-stream, direct (no proxy: a baseline), and on request the flavours of ours:
+// ours-nagle (--nodelay=no), ours-routes (three routes by socket name), ours-pp2
+// (--proxy-protocol=v2, in http and newconn only) and ours-resilience (--idle-timeout=1h
+// --keepalive=1min --connect-timeout=5s).  See bench/README.md; what a flavour costs against
+// plain ours is measured best by bench/pairs.ts.
 import { mkdtempSync, rmSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
