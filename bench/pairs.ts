@@ -7,7 +7,7 @@
 // halves of a pair alike, where medians over separate runs would compare different moments.
 //
 //   node bench/pairs.ts [--with FLAVOUR] [--only http,newconn] [--backends unix,tcp] [--pairs N]
-//                       [--seconds S] [--no-anchor] [--profile] [--no-write]
+//                       [--seconds S] [--no-anchor] [--profile] [--no-write] [--options 'OPT ...']
 //
 // CPU is the proxy's, every thread, from /proc/PID/task/*/schedstat (nanoseconds; utime+stime
 // counts 10 ms ticks, ±3% over one measurement, too coarse for a 5% question), per request
@@ -16,6 +16,8 @@
 // Writes its block into bench/RESULTS.md (bench/run.ts keeps it). Bounded: every wrk run has a
 // hard limit and the whole script stops after 300 s. With --profile, ours and the flavour run
 // under --cpu-prof and their hottest functions are printed side by side; nothing is written.
+// --options starts ours-resilience with these options instead of issue 11's three (e.g. one of
+// them, to see which one costs); nothing is written either.
 import { existsSync, mkdirSync, readFileSync, rmSync, mkdtempSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -24,7 +26,7 @@ import { execFileSync } from 'node:child_process';
 import { startNginxHttp } from './backends.ts';
 import { HTTP_CONNS, HTTP_THREADS, NEWCONN_CONNS, wrk } from './benchmarks.ts';
 import { foreignLoad, installCleanupHandlers, killAll, schedCpuSec, waitQuiet, which } from './procs.ts';
-import { FLAVOURS, PROXIES, REPO, RESILIENCE_OPTIONS, refVersion, setProfileDir } from './proxies.ts';
+import { FLAVOURS, PROXIES, REPO, RESILIENCE_OPTIONS, refVersion, setProfileDir, setResilienceOptions } from './proxies.ts';
 import type { ProxyName, RunningProxy, Target } from './proxies.ts';
 import { summarizeProfiles } from './profile.ts';
 
@@ -33,13 +35,13 @@ const WITHIN = 0.05;
 
 function usage(msg: string): never {
   process.stderr.write(
-    `${msg}\nusage: node bench/pairs.ts [--with ${FLAVOURS.join('|')}] [--only http,newconn] [--backends unix,tcp] [--pairs N] [--seconds S] [--no-anchor] [--profile] [--no-write]\n`,
+    `${msg}\nusage: node bench/pairs.ts [--with ${FLAVOURS.join('|')}] [--only http,newconn] [--backends unix,tcp] [--pairs N] [--seconds S] [--no-anchor] [--profile] [--no-write] [--options 'OPT ...']\n`,
   );
   process.exit(2);
 }
 
 const argv = process.argv.slice(2);
-const o = { flavour: 'ours-resilience' as ProxyName, only: ['http', 'newconn'], backends: ['unix', 'tcp'], pairs: 6, seconds: 2, anchor: true, profile: false, write: true };
+const o = { flavour: 'ours-resilience' as ProxyName, only: ['http', 'newconn'], backends: ['unix', 'tcp'], pairs: 6, seconds: 2, anchor: true, profile: false, write: true, options: null as string[] | null };
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i] as string;
   const value = (): string => argv[++i] ?? usage(`${a} needs a value`);
@@ -62,11 +64,17 @@ for (let i = 0; i < argv.length; i++) {
   } else if (a === '--no-anchor') o.anchor = false;
   else if (a === '--profile') o.profile = true;
   else if (a === '--no-write') o.write = false;
+  else if (a === '--options') o.options = value().split(' ').filter(Boolean);
   else usage(a === '-h' || a === '--help' ? '' : `unknown argument ${a}`);
 }
 
+if (o.options !== null) {
+  if (o.flavour !== 'ours-resilience') usage('--options applies to ours-resilience only');
+  setResilienceOptions(o.options);
+}
+
 const FLAVOUR_TEXT: Partial<Record<ProxyName, string>> = {
-  'ours-resilience': `ours with \`${RESILIENCE_OPTIONS.join(' ')}\` (issue 11)`,
+  'ours-resilience': o.options === null ? `ours with \`${RESILIENCE_OPTIONS.join(' ')}\` (issue 11)` : `ours with \`${o.options.join(' ')}\` (--options: not issue 11's set)`,
   'ours-nagle': 'ours with `--nodelay=no`',
   'ours-routes': 'ours with three routes by socket name, traffic on one',
 };
@@ -183,7 +191,7 @@ try {
         const flav = await startOne(o.flavour);
         const ref = o.anchor ? await startOne('ref') : null;
         setProfileDir(null);
-        if (o.flavour === 'ours-resilience') c.check = await checkKeepalive(flav, target);
+        if (o.flavour === 'ours-resilience' && (o.options === null || o.options.some((x) => x.startsWith('--keepalive=')))) c.check = await checkKeepalive(flav, target);
         for (const p of running) await wrk(p.port, HTTP_THREADS, close ? NEWCONN_CONNS : HTTP_CONNS, 1, close ? ['-H', 'Connection: close'] : []);
         for (let i = 0; i < o.pairs; i++) {
           const load = foreignLoad();
@@ -247,7 +255,7 @@ for (const c of combos) {
 const loads = combos.flatMap((c) => c.load);
 const id = `pairs-${o.flavour}`;
 const lines = [
-  `### ${o.flavour}: what it costs against plain ours (keep-alive and new connections, paired runs)`,
+  `### 11. ${o.flavour}: what it costs against plain ours (keep-alive and new connections, paired runs)`,
   '',
   `Measured ${new Date().toISOString().replace(/\.\d+Z$/, 'Z')} at ${commit} by \`node bench/pairs.ts --with ${o.flavour} --pairs ${o.pairs} --seconds ${o.seconds}\` ` +
     `(${os.availableParallelism()} cores, ${os.release()}, ${process.version}, reference ${refVersion()}). ` +
@@ -265,6 +273,7 @@ const lines = [
     (median(loads) > 0.25
       ? ': the machine was shared, so throughput ratios swing; CPU per request/connection, compared within a pair, is the steadier figure.'
       : '.'),
+  ...(allWithin ? [] : [`- Not within ${WITHIN * 100}% everywhere: bench/ANALYSIS.md says where the cost comes from (\`--profile\`, \`--options\` with one option at a time, \`strace -c\`).`]),
 ];
 console.log(lines.join('\n'));
 console.log(`\n${allWithin ? 'all within' : 'NOT all within'} ${WITHIN * 100}%`);
@@ -277,6 +286,8 @@ if (o.profile) {
     }
   }
   log('--profile: results not written (profiling slows ours down)');
+} else if (o.options !== null) {
+  log('--options: results not written (not the set issue 11 measures)');
 } else if (o.write) {
   const block = [`<!-- bench:${id} -->`, ...lines, `<!-- /bench:${id} -->`].join('\n');
   const file = path.join(REPO, 'bench', 'RESULTS.md');

@@ -28,6 +28,11 @@ export const DEFAULT_PROXIES: readonly ProxyName[] = PROXY_NAMES.filter((n) => !
  * none of them fires during a benchmark.
  */
 export const RESILIENCE_OPTIONS: readonly string[] = ['--idle-timeout=1h', '--keepalive=1min', '--connect-timeout=5s'];
+let resilienceOptions: readonly string[] = RESILIENCE_OPTIONS;
+/** bench/pairs.ts --options: start ours-resilience with some of them only, to see which one costs. */
+export function setResilienceOptions(options: readonly string[]): void {
+  resilienceOptions = options;
+}
 
 /**
  * Where a proxy forwards to. `ppPort`/`ppPath`: the same backend listening where it expects a
@@ -166,7 +171,7 @@ const oursResilience: ProxyDef = {
   name: 'ours-resilience',
   activated: true,
   unavailable: ours.unavailable,
-  start: (t, _dir, connMax) => startOurs('ours-resilience', connMax, RESILIENCE_OPTIONS, [targetArg(t)]),
+  start: (t, _dir, connMax) => startOurs('ours-resilience', connMax, resilienceOptions, [targetArg(t)]),
 };
 
 const ref: ProxyDef = {
