@@ -172,7 +172,8 @@ try {
   for (const bench of o.only as ('http' | 'newconn')[]) {
     const close = bench === 'newconn';
     for (const backend of o.backends as ('unix' | 'tcp')[]) {
-      const target: Target = backend === 'unix' ? { kind: 'unix', path: ng.unixPath } : { kind: 'tcp', port: ng.port };
+      // pp*: nginx's listeners that expect a PROXY protocol header, for ours-pp2
+      const target: Target = backend === 'unix' ? { kind: 'unix', path: ng.unixPath, ppPath: ng.ppUnixPath } : { kind: 'tcp', port: ng.port, ppPort: ng.ppPort };
       const c: Combo = { bench, backend, base: [], flav: [], ref: [], load: [], check: '' };
       const running: RunningProxy[] = [];
       try {
