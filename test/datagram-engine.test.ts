@@ -10,7 +10,7 @@ import { once } from 'node:events';
 import { parseAddress } from '../src/address.ts';
 import { datagramAddress, listenDatagramOnAddress } from '../src/datagram.ts';
 import type { Logger } from '../src/log.ts';
-import { closeProxy, createProxy } from '../src/proxy.ts';
+import { closeProxy, createProxy, type LookupFunction } from '../src/proxy.ts';
 
 function memoryLogger(): Logger & { lines: string[] } {
   const lines: string[] = [];
@@ -47,7 +47,7 @@ test('without --idle-timeout a flow ends after 60 s without a datagram, not befo
     const listener = await listenDatagramOnAddress(proxy, parseAddress('127.0.0.1:0', true));
     const port = datagramAddress(listener).port;
     const ask = async (text: string): Promise<void> => {
-      const reply = once(client, 'message');
+      const reply = once(client, 'message', { signal: AbortSignal.timeout(5000) });
       client.send(text, port, '127.0.0.1');
       assert.equal(String((await reply)[0]), text);
     };
@@ -70,6 +70,43 @@ test('without --idle-timeout a flow ends after 60 s without a datagram, not befo
     advance(3_000);
     assert.equal(proxy.flows, 0, 'closed at most two sweeps (2 s) after 60 s without a datagram');
     assert.match(logger.lines.join('\n'), /<7>Flow from 127\.0\.0\.1:[0-9]+ closed/);
+  } finally {
+    closeProxy(proxy);
+    client.close();
+    echo.close();
+  }
+});
+
+test('a host-name target: the addresses are tried in order, one a socket cannot be connected to is skipped', async () => {
+  const echo = await udp4();
+  echo.on('message', (m, r) => echo.send(m, r.port, r.address));
+  const asked: string[] = [];
+  // fe80::1 without a scope: connect(2) on a UDP socket fails at once (EINVAL), as for an
+  // address of a family or network the host cannot reach; the next address is used.
+  const lookup: LookupFunction = (host, _options, callback) => {
+    asked.push(host);
+    setImmediate(callback, null, [
+      { address: 'fe80::1', family: 6 },
+      { address: '127.0.0.1', family: 4 },
+    ]);
+  };
+  const logger = memoryLogger();
+  const proxy = createProxy({
+    target: parseAddress(`flows.example:${echo.address().port}`),
+    connectionsMax: 10,
+    exitIdleTimeUsec: null,
+    logger,
+    lookup,
+  });
+  const client = await udp4();
+  try {
+    const listener = await listenDatagramOnAddress(proxy, parseAddress('127.0.0.1:0', true));
+    const port = datagramAddress(listener).port;
+    const reply = once(client, 'message', { signal: AbortSignal.timeout(5000) });
+    client.send('first datagram, held while resolving', port, '127.0.0.1');
+    assert.equal(String((await reply)[0]), 'first datagram, held while resolving');
+    assert.deepEqual(asked, ['flows.example']);
+    assert.ok(!logger.lines.some((l) => l.startsWith('<4>')), `no warning: ${logger.lines.join('\n')}`);
   } finally {
     closeProxy(proxy);
     client.close();

@@ -620,6 +620,22 @@ describe('metrics', () => {
     }
   });
 
+  test('an [IPv6]:PORT endpoint serves the same text', async () => {
+    const backend = await startBackend(echo);
+    const p = await startProxy({ args: ['--metrics=[::1]:0', backend.address], listen: [{ kind: 'tcp' }], env: { SYSTEMD_LOG_LEVEL: 'debug' } });
+    try {
+      await waitFor(() => /Serving metrics on \[::1\]:[0-9]+\n/.test(p.stderr()), SLOW, 'the metrics line with [::1]');
+      const where = { host: '::1', port: await metricsPort(p) };
+      const r = await httpGet(where, '/metrics');
+      assert.equal(r.status, 200);
+      assert.equal(samples(r.body).get('socket_proxyd_connections_accepted_total'), 0);
+      assert.equal((await httpGet(where, '/nope')).status, 404);
+    } finally {
+      await p.stop();
+      await backend.close();
+    }
+  });
+
   test('datagram flows: counted in the metrics (flows, bytes each way) and in the SIGUSR1 line', async () => {
     const echo = createSocket('udp4');
     echo.on('message', (m, r) => echo.send(m, r.port, r.address));
