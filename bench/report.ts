@@ -113,7 +113,8 @@ export function sectionTable(sec: Section, proxies: readonly ProxyName[]): strin
         ratio,
         row.target?.text ?? '',
         met,
-        ...present.map((p) => cell(row, p, false)),
+        // A proxy measured in every run (ours-nagle, ours-routes, ours-pp2) shows its range too.
+        ...present.map((p) => cell(row, p, (row.values[p]?.length ?? 0) > 1)),
       ].join(' | ')} |`,
     );
   }
