@@ -132,6 +132,8 @@ async function checkKeepalive(p: RunningProxy, target: Target): Promise<string> 
       sock.write('GET / HTTP/1.1\r\nHost: bench\r\n\r\n');
       setTimeout(() => reject(new Error('no reply within 3 s')), 3000).unref();
     });
+    // The backend side gets keepalive at the next sweep, within a second (src/sweep.ts).
+    await new Promise((resolve) => setTimeout(resolve, 1300));
     const lines = execFileSync('ss', ['-tnoH', 'state', 'established']).toString().split('\n');
     const local = lines.filter((l) => l.split(/\s+/)[2]?.endsWith(`:${p.port}`));
     const backend = target.kind === 'tcp' ? lines.filter((l) => l.split(/\s+/)[3]?.endsWith(`:${target.port}`) && l.includes('timer:(keepalive')) : [];

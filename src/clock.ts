@@ -3,7 +3,7 @@
  *
  * The data path marks a connection active by storing `tick` (one store per read, no
  * clock read, no timer per connection per chunk). Whoever needs the time to be fresh
- * to a known bound (the idle sweep, idle.ts) advances it from its own interval timer,
+ * to a known bound (the sweep, sweep.ts) advances it from its own interval timer,
  * which runs only while connections exist; so `tick` is at most one sweep period old
  * whenever anybody compares against it.
  */

@@ -133,7 +133,7 @@ function stateOf(proxy: Proxy): DatagramState {
   let state = states.get(proxy);
   if (state !== undefined) return state;
   const usec = proxy.options.idleTimeoutUsec === undefined ? DEFAULT_FLOW_IDLE_USEC : proxy.options.idleTimeoutUsec;
-  // 0, like infinity, means no idle timeout (as for stream connections, idle.ts).
+  // 0, like infinity, means no idle timeout (as for stream connections, sweep.ts).
   const idleMs = usec === null || usec === 0n ? null : Number(usec / 1000n);
   state = {
     proxy,

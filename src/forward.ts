@@ -45,7 +45,7 @@
 import { LOG_DEBUG, LOG_ERR } from './log.ts';
 import { strerror } from './strerror.ts';
 import { headerFor, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
-import { uv, UV_EOF, type ShutdownReq, type StreamHandle, type TcpHandle, type WriteReq } from './uv.ts';
+import { uv, UV_EOF, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
 import { tick } from './clock.ts';
 import type { Address } from './address.ts';
@@ -148,6 +148,8 @@ export interface Connection {
   deadline: number;
   /** connect.ts: queued waiting for the backend (not connecting now). */
   waiting: boolean;
+  /** sweep.ts: the TCP backend is to get --keepalive= at the next sweep. */
+  keepAlivePending: boolean;
 }
 
 const kConn = Symbol('socket-proxyd.connection');
@@ -186,6 +188,7 @@ export function startConnection(owner: ConnectionOwner, handle: StreamHandle): C
     connectTimer: null,
     deadline: 0,
     waiting: false,
+    keepAlivePending: false,
   };
   client[kConn] = conn;
   // The client is not read until the backend is connected (as the reference):
@@ -217,8 +220,9 @@ export function dropBackend(conn: Connection): void {
 export function established(conn: Connection, backend: ProxyHandle): void {
   conn.lastActive = tick;
   const owner = conn.owner;
-  // Set after connect: before it, libuv would record the flag but apply its own 60 s delay.
-  if (owner.keepAliveSec > 0 && backend instanceof uv.TCP) (backend as unknown as TcpHandle).setKeepAlive(true, owner.keepAliveSec);
+  // Set by the next sweep, within a second: a connection that ends sooner never needs it
+  // (sweep.ts). After connect in any case: before it, libuv would apply a fixed 60 s.
+  if (owner.keepAliveSec > 0 && backend instanceof uv.TCP) conn.keepAlivePending = true;
   // The header goes out before the client is read, so no client byte can overtake it.
   if (owner.proxyProtocol !== 0 && !sendProxyHeader(conn, backend, owner.proxyProtocol)) return;
   const client = conn.client;

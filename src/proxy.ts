@@ -19,7 +19,7 @@ import { MSG_NOT_STREAM } from './activation.ts';
 import { EINVAL, ENOTSOCK, ProxyError } from './errors.ts';
 import { createWaitQueue, establish, released, resolved } from './connect.ts';
 import { destroyConnection, startConnection, type Connection, type StreamHandle } from './forward.ts';
-import { createIdleWatch, unwatchIdle, watchIdle, type IdleWatch } from './idle.ts';
+import { createSweep, startSweep, stopSweep, type Sweep } from './sweep.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
 import { DEFAULT_ROUTE_LABEL, type Route, type RouteSpec } from './route.ts';
 import { createStats, type Stats } from './stats.ts';
@@ -105,8 +105,8 @@ export interface Proxy {
   closed: boolean;
   /** While draining: called once, when the last connection has been released. */
   onDrained: (() => void) | null;
-  /** --idle-timeout= for stream connections (idle.ts); null without it. */
-  readonly idle: IdleWatch | null;
+  /** The periodic sweep over open connections (sweep.ts: --idle-timeout=, --keepalive=); null without either. */
+  readonly sweep: Sweep | null;
 }
 
 const kRoute = Symbol('socket-proxyd.route');
@@ -152,6 +152,7 @@ export function createProxy(options: ProxyOptions): Proxy {
   }
   if (specs.length === 0) throw new ProxyError('ERR_ROUTE', 'No target given.', EINVAL);
   const connections = new Set<Connection>();
+  const keepAliveSec = keepAliveSeconds(options.keepAliveUsec);
   const proxy: Proxy = {
     options,
     routes: [],
@@ -166,7 +167,7 @@ export function createProxy(options: ProxyOptions): Proxy {
     idleDeadline: 0,
     closed: false,
     onDrained: null,
-    idle: createIdleWatch(options.idleTimeoutUsec, connections),
+    sweep: createSweep(options.idleTimeoutUsec, keepAliveSec, connections),
   };
   const logger = options.logger;
   const noDelay = options.noDelay ?? true;
@@ -174,7 +175,6 @@ export function createProxy(options: ProxyOptions): Proxy {
   const connectTimeoutMs = usecToMs(options.connectTimeoutUsec);
   // No limit: wait as long as the client does (its reset still ends the wait).
   const connectRetryMs = options.connectRetryUsec === null ? Infinity : usecToMs(options.connectRetryUsec);
-  const keepAliveSec = keepAliveSeconds(options.keepAliveUsec);
   // With one route every line is the reference's; with several, each says its route.
   const several = specs.length > 1;
   for (const spec of specs) {
@@ -396,7 +396,7 @@ function onConnection(this: ServerHandle, err: number, handle?: StreamHandle): v
   if (this[kNoDelay] === true) (handle as TcpHandle).setNoDelay(true);
   const keepAlive = this[kKeepAliveEach];
   if (keepAlive !== undefined && keepAlive > 0) (handle as TcpHandle).setKeepAlive(true, keepAlive);
-  if (proxy.idle !== null) watchIdle(proxy.idle);
+  if (proxy.sweep !== null) startSweep(proxy.sweep);
   const conn = startConnection(route, handle);
   proxy.connections.add(conn);
   establish(conn);
@@ -435,7 +435,7 @@ function releaseConnection(this: Route, conn: Connection): void {
   const proxy = this.proxy;
   proxy.connections.delete(conn);
   if (proxy.connections.size !== 0) return;
-  if (proxy.idle !== null) unwatchIdle(proxy.idle);
+  if (proxy.sweep !== null) stopSweep(proxy.sweep);
   const drained = proxy.onDrained;
   if (drained === null) {
     armIdleTimer(proxy);

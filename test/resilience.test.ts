@@ -572,6 +572,8 @@ for (const keepalive of [true, false]) {
       await sleep(300);
       const later = await client(where, Buffer.from('ping'));
       await new Promise((res) => later.socket.once('data', res));
+      // The backend side gets it at the next sweep, within a second (sweep.ts): look after that.
+      await sleep(1300);
       const timers = keepaliveTimers(proxy.pid);
       assert.equal(timers.size, 4, `the proxy's four sockets: ${JSON.stringify([...timers])}`);
       for (const [local, left] of timers) {
