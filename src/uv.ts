@@ -30,6 +30,8 @@ export interface StreamHandle {
   readStop(): number;
   /** 0 or a negative errno; whether it completed at once is in streamBaseState[kLastWriteWasAsync]. */
   writeBuffer(req: WriteReq, buf: Uint8Array): number;
+  /** One writev(2) of several buffers (allBuffers true: every chunk is a buffer); as writeBuffer otherwise. */
+  writev(req: WriteReq, chunks: Uint8Array[], allBuffers: true): number;
   shutdown(req: ShutdownReq): number;
   close(callback?: (this: StreamHandle) => void): void;
   getpeername?(out: Record<string, unknown>): number;
@@ -59,8 +61,8 @@ export interface PipeHandle extends StreamHandle {
 /** A write in flight: C++ calls oncomplete(status, handle) when it completes later. */
 export interface WriteReq {
   oncomplete: (this: WriteReq, status: number, handle: StreamHandle) => void;
-  /** Keeps the written buffer alive while the kernel has not taken it all (C++ holds only a pointer). */
-  buffer: Uint8Array | null;
+  /** Keeps the written buffer(s) alive while the kernel has not taken it all (C++ holds only pointers). */
+  buffer: Uint8Array | Uint8Array[] | null;
 }
 
 export interface ShutdownReq {

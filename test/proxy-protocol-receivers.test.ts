@@ -582,6 +582,77 @@ describe('on the wire', () => {
     }
   });
 
+  test('a backend that speaks first: with a client that sends nothing, the header goes alone and the banner comes back (v1, v2)', async (t) => {
+    // Like an SMTP or SSH server behind haproxy/nginx: nothing is said before the whole header is in.
+    const b = await startBackend((sock: Socket) => {
+      let got = Buffer.alloc(0);
+      sock.on('data', (d: Buffer) => {
+        got = Buffer.concat([got, d]);
+        const complete =
+          got.subarray(0, 6).toString() === 'PROXY ' ? got.includes('\r\n') : got.length >= 16 && got.length >= 16 + got.readUInt16BE(14);
+        if (complete && !sock.writableEnded) sock.end(`220 banner after ${got.length} header bytes\r\n`);
+      });
+    });
+    t.after(() => b.close());
+    for (const version of ['v1', 'v2']) {
+      const p = await startProxy({ args: [`--proxy-protocol=${version}`, b.address], listen: [{ kind: 'tcp' }] });
+      try {
+        const s = await connect(p.listeners[0]?.connectOptions as { host: string; port: number });
+        const r = await readAll(s, 5000);
+        s.destroy();
+        assert.equal(r.ended, 'eof');
+        assert.match(r.data.toString(), version === 'v1' ? /^220 banner after 4[0-9] header bytes\r\n$/ : /^220 banner after 28 header bytes\r\n$/);
+      } finally {
+        await p.stop();
+      }
+    }
+  });
+
+  test('a client that half-closes without a byte: the backend gets the header, then end of file', async (t) => {
+    const b = await recordingBackend();
+    t.after(() => b.close());
+    const p = await startProxy({ args: ['--proxy-protocol=v1', b.address], listen: [{ kind: 'tcp' }] });
+    try {
+      const to = p.listeners[0]?.connectOptions as { host: string; port: number };
+      const clientPort = await sendAndClose(to, Buffer.alloc(0));
+      await waitFor(() => b.got.length === 1, 5000, 'the backend connection');
+      assert.equal((await b.got[0]!).toString(), `PROXY TCP4 127.0.0.1 127.0.0.1 ${clientPort} ${to.port}\r\n`);
+    } finally {
+      await p.stop();
+    }
+  });
+
+  test('a client that speaks first: its first bytes leave in the same write as the header (one segment to the backend)', async (t) => {
+    const got: Buffer[] = [];
+    const b = await startBackend((sock: Socket) => {
+      const i = got.push(Buffer.alloc(0)) - 1;
+      sock.on('data', (d: Buffer) => (got[i] = Buffer.concat([got[i] as Buffer, d])));
+    });
+    t.after(() => b.close());
+    const p = await startProxy({ args: ['--proxy-protocol=v2', b.address], listen: [{ kind: 'tcp' }] });
+    const clients: Socket[] = [];
+    try {
+      const to = p.listeners[0]?.connectOptions as { host: string; port: number };
+      const request = Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+      // Sent while the proxy is still starting, so each request is in its socket before the
+      // proxy has a backend for it (as for the client whose arrival starts a socket unit).
+      for (let i = 0; i < 5; i++) {
+        const s = await connect(to);
+        s.write(request);
+        clients.push(s);
+      }
+      await waitFor(() => got.length === 5 && got.every((g) => g.length === 28 + request.length), 5000, 'five headers and requests');
+      for (const g of got) assert.ok(g.subarray(28).equals(request) && g.subarray(0, 12).equals(hex('0d0a0d0a000d0a515549540a')));
+      // With TCP_NODELAY every write is a segment: the kernel counts one per backend socket.
+      const ss = spawnSync('ss', ['-tinH', 'state', 'established', `( dport = :${b.port} )`], { encoding: 'utf8' });
+      const segs = [...ss.stdout.matchAll(/data_segs_out:(\d+)/g)].map((m) => Number(m[1]));
+      assert.deepEqual(segs, [1, 1, 1, 1, 1], ss.stdout);
+    } finally {
+      for (const s of clients) s.destroy();
+      await p.stop();
+    }
+  });
+
   test('[::1]:PORT and @abstract targets: the same header, once, then the client\'s bytes', async (t) => {
     const v6 = await recordingBackend({ host: '::1' });
     const abs = await recordingBackend({ path: `\0spd-pp-wire-${process.pid}` });
