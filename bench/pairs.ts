@@ -132,7 +132,7 @@ async function checkKeepalive(p: RunningProxy, target: Target): Promise<string> 
       sock.write('GET / HTTP/1.1\r\nHost: bench\r\n\r\n');
       setTimeout(() => reject(new Error('no reply within 3 s')), 3000).unref();
     });
-    // The backend side gets keepalive at the next sweep, within a second (src/sweep.ts).
+    // The backend side gets keepalive at the next sweep, within a second (src/engine/sweep.ts).
     await new Promise((resolve) => setTimeout(resolve, 1300));
     const lines = execFileSync('ss', ['-tnoH', 'state', 'established']).toString().split('\n');
     const local = lines.filter((l) => l.split(/\s+/)[2]?.endsWith(`:${p.port}`));

@@ -19,7 +19,7 @@ export type ProxyErrorCode =
   | 'ERR_NOT_STREAM' // a passed fd is not a listening stream socket
   | 'ERR_LISTEN' // --listen address could not be bound
   | 'ERR_ROUTE' // a socket without a route, or a named route without a socket
-  | 'ERR_NODE_INTERNALS'; // this Node.js lacks the stream bindings the data path uses (src/uv.ts)
+  | 'ERR_NODE_INTERNALS'; // this Node.js lacks the stream bindings the data path uses (src/engine/uv.ts)
 
 export class ProxyError extends Error {
   readonly code: ProxyErrorCode;

@@ -8,11 +8,11 @@
  *   ...
  *   closeProxy(proxy);
  */
-export { parseAddress, parseListenAddress, formatAddress, type Address } from './address.ts';
-export { takeListenFds, type ListenFd } from './activation.ts';
-export { parseArgv, helpText, type Options, type Parsed } from './args.ts';
+export { parseAddress, parseListenAddress, formatAddress, type Address } from './config/address.ts';
+export { takeListenFds, type ListenFd } from './system/activation.ts';
+export { parseArgv, helpText, type Options, type Parsed } from './config/args.ts';
 export { ProxyError, type ProxyErrorCode } from './errors.ts';
-export { createLogger, parseLogLevel, type Logger } from './log.ts';
+export { createLogger, parseLogLevel, type Logger } from './system/log.ts';
 export {
   armIdleTimer,
   closeProxy,
@@ -25,7 +25,7 @@ export {
   type LookupFunction,
   type Proxy,
   type ProxyOptions,
-} from './proxy.ts';
-export { assignRoutes, checkRouteName, splitRouteArg, type Route, type RouteSpec, type SocketSpec } from './route.ts';
-export { parseSec, formatTimespan, USEC_INFINITY } from './timespan.ts';
-export { statisticsLine, statusSummary, type Stats } from './stats.ts';
+} from './engine/proxy.ts';
+export { assignRoutes, checkRouteName, splitRouteArg, type Route, type RouteSpec, type SocketSpec } from './config/route.ts';
+export { parseSec, formatTimespan, USEC_INFINITY } from './config/timespan.ts';
+export { statisticsLine, statusSummary, type Stats } from './ops/stats.ts';

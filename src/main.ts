@@ -7,21 +7,21 @@ import module from 'node:module';
 import { lstatSync, unlinkSync } from 'node:fs';
 import { connect } from 'node:net';
 import { basename } from 'node:path';
-import { takeListenFds, MSG_NO_SOCKETS } from './activation.ts';
-import { formatAddress, parseAddress, parseListenAddress, type Address } from './address.ts';
-import { helpText, parseArgv, type Options } from './args.ts';
+import { takeListenFds, MSG_NO_SOCKETS } from './system/activation.ts';
+import { formatAddress, parseAddress, parseListenAddress, type Address } from './config/address.ts';
+import { helpText, parseArgv, type Options } from './config/args.ts';
 import { EINVAL, ProxyError } from './errors.ts';
-import { createLogger, LOG_DEBUG, LOG_ERR, LOG_INFO, LOG_WARNING, type Logger } from './log.ts';
-import { armIdleTimer, closeProxy, createProxy, drainProxy, listenOnAddress, listenOnFd, routeFor, totalStats, type Proxy } from './proxy.ts';
-import { assignRoutes, checkRouteName, DEFAULT_ROUTE_LABEL, splitRouteArg, type SocketSpec } from './route.ts';
-import { statisticsLine, statusSummary, type Stats } from './stats.ts';
-import { strerror } from './strerror.ts';
-import { formatTimespan } from './timespan.ts';
-import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd, openFlows } from './datagram.ts';
-import { waitingCount } from './connect.ts';
+import { createLogger, LOG_DEBUG, LOG_ERR, LOG_INFO, LOG_WARNING, type Logger } from './system/log.ts';
+import { armIdleTimer, closeProxy, createProxy, drainProxy, listenOnAddress, listenOnFd, routeFor, totalStats, type Proxy } from './engine/proxy.ts';
+import { assignRoutes, checkRouteName, DEFAULT_ROUTE_LABEL, splitRouteArg, type SocketSpec } from './config/route.ts';
+import { statisticsLine, statusSummary, type Stats } from './ops/stats.ts';
+import { strerror } from './system/strerror.ts';
+import { formatTimespan } from './config/timespan.ts';
+import { isUdpFd, listenDatagramOnAddress, listenDatagramOnFd, openFlows } from './engine/datagram.ts';
+import { waitingCount } from './engine/connect.ts';
 
-type NotifyModule = typeof import('./notify.ts');
-type MetricsModule = typeof import('./metrics.ts');
+type NotifyModule = typeof import('./system/notify.ts');
+type MetricsModule = typeof import('./ops/metrics.ts');
 
 /** Loaded only when NOTIFY_SOCKET is set: nothing native or extra otherwise. */
 let notifier: NotifyModule | null = null;
@@ -71,7 +71,7 @@ function printVersion(): void {
 async function loadNotifier(logger: Logger): Promise<void> {
   if (!process.env.NOTIFY_SOCKET) return;
   try {
-    notifier = await import('./notify.ts');
+    notifier = await import('./system/notify.ts');
     notifier.setNotifyErrorHandler((message) => logger.log(LOG_ERR, `Failed to notify the service manager: ${message}`));
   } catch (err) {
     logger.log(LOG_ERR, `Failed to load sd_notify support: ${err instanceof Error ? err.message : String(err)}`);
@@ -261,7 +261,7 @@ async function removeStaleSocket(path: string): Promise<void> {
 async function serveMetrics(p: Proxy, address: Address, log: Logger): Promise<void> {
   const path = address.kind === 'unix' && !address.path.startsWith('\0') ? address.path : null;
   if (path !== null) await removeStaleSocket(path);
-  const metrics: MetricsModule = await import('./metrics.ts');
+  const metrics: MetricsModule = await import('./ops/metrics.ts');
   let where: string;
   try {
     where = await metrics.startMetricsServer(address, { connectionsMax: p.options.connectionsMax, collect: () => metricsSamples(p) });

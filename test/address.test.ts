@@ -1,8 +1,8 @@
 /** Unit tests of the pure parts: target addresses and the activation environment. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseAddress, parseListenAddress, formatAddress } from '../src/address.ts';
-import { takeListenFds } from '../src/activation.ts';
+import { parseAddress, parseListenAddress, formatAddress } from '../src/config/address.ts';
+import { takeListenFds } from '../src/system/activation.ts';
 import { ProxyError } from '../src/errors.ts';
 
 test('addresses: the forms TARGET and --listen= accept', () => {

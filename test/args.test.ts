@@ -1,5 +1,5 @@
 /**
- * src/args.ts against the real systemd-socket-proxyd v252.
+ * src/config/args.ts against the real systemd-socket-proxyd v252.
  *
  * Every row of TABLE is parsed by us; every row the reference can understand (no --listen)
  * is also run through /lib/systemd/systemd-socket-proxyd, and both must agree on the
@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 
-import { helpText, parseArgv, type Options, type Parsed } from '../src/args.ts';
+import { helpText, parseArgv, type Options, type Parsed } from '../src/config/args.ts';
 import { EINVAL, ERANGE, ProxyError } from '../src/errors.ts';
 
 const REF = '/lib/systemd/systemd-socket-proxyd';
@@ -232,7 +232,7 @@ const TABLE: Row[] = [
   { argv: ['-c', '0', 'x'], want: fail('Connection limit is too low.') },
   { argv: ['-c', '-0', 'x'], want: fail('Connection limit is too low.') }, // "-0" is 0, not negative
 
-  // --exit-idle-time is parse_sec (src/timespan.ts); its errno is passed through.
+  // --exit-idle-time is parse_sec (src/config/timespan.ts); its errno is passed through.
   { argv: ['--exit-idle-time=0', 'x'], want: ok('x', { idle: 0n }) },
   { argv: ['--exit-idle-time=infinity', 'x'], want: ok('x', { idle: null }) },
   { argv: ['--exit-idle-time=5min 20s', 'x'], want: ok('x', { idle: 320_000_000n }) },

@@ -7,10 +7,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { parseAddress } from '../src/address.ts';
-import { datagramAddress, listenDatagramOnAddress } from '../src/datagram.ts';
-import type { Logger } from '../src/log.ts';
-import { closeProxy, createProxy, type LookupFunction } from '../src/proxy.ts';
+import { parseAddress } from '../src/config/address.ts';
+import { datagramAddress, listenDatagramOnAddress } from '../src/engine/datagram.ts';
+import type { Logger } from '../src/system/log.ts';
+import { closeProxy, createProxy, type LookupFunction } from '../src/engine/proxy.ts';
 
 function memoryLogger(): Logger & { lines: string[] } {
   const lines: string[] = [];

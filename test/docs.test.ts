@@ -22,8 +22,8 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { chmodSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { helpText } from '../src/args.ts';
-import { parseSec } from '../src/timespan.ts';
+import { helpText } from '../src/config/args.ts';
+import { parseSec } from '../src/config/timespan.ts';
 import { OURS, ROOT, echo, roundTrip, startBackend, startProxy, tempDir } from './helpers.ts';
 
 const EXAMPLES = join(ROOT, 'examples');

@@ -3,9 +3,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
-import { createProxy, closeProxy, listenOnAddress, type LookupFunction } from '../src/proxy.ts';
-import { parseAddress } from '../src/address.ts';
-import type { Logger } from '../src/log.ts';
+import { createProxy, closeProxy, listenOnAddress, type LookupFunction } from '../src/engine/proxy.ts';
+import { parseAddress } from '../src/config/address.ts';
+import type { Logger } from '../src/system/log.ts';
 import { connect, echo, readAll, roundTrip, startBackend } from './helpers.ts';
 
 function memoryLogger(): Logger & { lines: string[] } {

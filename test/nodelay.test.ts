@@ -23,8 +23,8 @@ import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { join } from 'node:path';
 import type { AddressInfo, Socket } from 'node:net';
-import { parseAddress } from '../src/address.ts';
-import { closeProxy, createProxy, listenOnAddress, type LookupFunction } from '../src/proxy.ts';
+import { parseAddress } from '../src/config/address.ts';
+import { closeProxy, createProxy, listenOnAddress, type LookupFunction } from '../src/engine/proxy.ts';
 import { connect, echo, startBackend, startProxy, tempDir, type Backend, type Flavour } from './helpers.ts';
 
 const tmp = tempDir();

@@ -5,11 +5,11 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { notify, setNotifyErrorHandler, watchdogPeriodMs } from '../src/notify.ts';
+import { notify, setNotifyErrorHandler, watchdogPeriodMs } from '../src/system/notify.ts';
 import { gccIdent, startReceiver } from './notify-helpers.ts';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const notifyUrl = pathToFileURL(join(root, 'src/notify.ts')).href;
+const notifyUrl = pathToFileURL(join(root, 'src/system/notify.ts')).href;
 const committedAddon = join(root, `prebuilds/${process.platform}-${process.arch}/sd_notify.node`);
 
 const tmp = mkdtempSync(join(tmpdir(), 'notify-test-'));

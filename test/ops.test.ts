@@ -744,8 +744,8 @@ describe('metrics', () => {
       await waitFor(() => existsSync(logs[1]!) && readFileSync(logs[1]!, 'utf8').includes('node:http'), SLOW, 'metrics loaded');
       const loaded = (i: number): string[] => readFileSync(logs[i]!, 'utf8').split('\n');
       assert.ok(loaded(0).some((u) => u.endsWith('/dist/main.js')), 'the recorder works');
-      assert.ok(!loaded(0).some((u) => u.endsWith('/dist/metrics.js') || u === 'node:http'), 'nothing of --metrics without it');
-      assert.ok(loaded(1).some((u) => u.endsWith('/dist/metrics.js')), 'metrics.js with --metrics');
+      assert.ok(!loaded(0).some((u) => u.endsWith('/dist/ops/metrics.js') || u === 'node:http'), 'nothing of --metrics without it');
+      assert.ok(loaded(1).some((u) => u.endsWith('/dist/ops/metrics.js')), 'metrics.js with --metrics');
     } finally {
       await without!.stop();
       await withMetrics!.stop();

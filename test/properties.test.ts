@@ -20,12 +20,12 @@ import { isIP } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
-import { takeListenFds } from '../src/activation.ts';
-import { formatAddress, parseAddress } from '../src/address.ts';
-import { parseArgv } from '../src/args.ts';
-import { checkRouteName, splitRouteArg } from '../src/route.ts';
+import { takeListenFds } from '../src/system/activation.ts';
+import { formatAddress, parseAddress } from '../src/config/address.ts';
+import { parseArgv } from '../src/config/args.ts';
+import { checkRouteName, splitRouteArg } from '../src/config/route.ts';
 import { EBADF, EINVAL, ENAMETOOLONG, ENOTSOCK, ERANGE, ProxyError } from '../src/errors.ts';
-import { formatTimespan, parseSec, TimespanError, USEC_INFINITY } from '../src/timespan.ts';
+import { formatTimespan, parseSec, TimespanError, USEC_INFINITY } from '../src/config/timespan.ts';
 import { fdOf, makeListener, OURS } from './helpers.ts';
 
 const STRESS = process.env.SOCKET_PROXYD_STRESS === '1';

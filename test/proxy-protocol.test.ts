@@ -7,7 +7,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { encodeV1, encodeV2, writeIPv6, type SockAddr } from '../src/proxy-protocol.ts';
+import { encodeV1, encodeV2, writeIPv6, type SockAddr } from '../src/engine/proxy-protocol.ts';
 
 const v4 = (address: string, port: number): SockAddr => ({ address, family: 'IPv4', port });
 const v6 = (address: string, port: number): SockAddr => ({ address, family: 'IPv6', port });

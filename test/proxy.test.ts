@@ -573,7 +573,7 @@ describe('targets refused at start-up', () => {
 });
 
 test('a Node.js without the stream bindings the data path needs: one line, exit 1, before any connection', async () => {
-  // The data path uses Node's stream handles through process.binding (src/uv.ts); take it away.
+  // The data path uses Node's stream handles through process.binding (src/engine/uv.ts); take it away.
   const r = await runProxy({
     args: ['127.0.0.1:9'],
     listen: [{ kind: 'tcp' }],

@@ -14,18 +14,18 @@
  *  2. No data-path corruption: soak (200 concurrent, random chunking, pauses,
  *     half-closes in both orders, resets mid-stream), 8,000 concurrent echoes, slow
  *     readers and writers, 100,000 sequential connections: every byte verified.
- *  3. FIXED (src/forward.ts, 21d7c01): a TCP reset that arrives behind unread data
+ *  3. FIXED (src/engine/forward.ts, 21d7c01): a TCP reset that arrives behind unread data
  *     is reported by libuv as EOF (its POLLHUP short-cut), so the proxy half-closed the
  *     other side and then held both sockets until that peer wrote or closed -- forever
  *     for one that just waits. Now an EOF whose socket is no longer connected
  *     (getpeername: ENOTCONN) closes both sides, as a reset seen as an error always did.
  *     Caught by the two 'RST from ...' tests below (the peer left alone must be freed).
- *  4. FIXED (src/forward.ts, sweepStalled): while one direction waits for its
+ *  4. FIXED (src/engine/forward.ts, sweepStalled): while one direction waits for its
  *     destination to drain, the proxy stops reading the source and libuv drops that
  *     fd from epoll, so a reset from that peer was not seen until the destination
  *     drained; with a backend that never reads, the connection was held forever.
  *     A once-a-second sweep over stalled directions now notices the reset.
- *  5. FIXED (src/forward.ts, 4581c46): a direction that had turned bulk kept its
+ *  5. FIXED (src/engine/forward.ts, 4581c46): a direction that had turned bulk kept its
  *     64 KiB buffer while the connection idled, 128 KiB per idle connection.
  *     Caught by 'idle after a burst' in reliability-data.test.ts.
  *  6. Out of fds: no busy loop (libuv accepts and closes what it cannot serve, the
@@ -392,7 +392,7 @@ test('peer faults: a backend that accepts and never reads: memory bounded, half-
  * a reset from that peer went unnoticed until the destination drained; with a backend
  * that never reads, the connection (2 fds) was held forever after the client reset it.
  * The reference keeps the fd registered and sees EPOLLERR/EPOLLHUP. Fixed by a sweep
- * over stalled directions once a second (src/forward.ts, sweepStalled).
+ * over stalled directions once a second (src/engine/forward.ts, sweepStalled).
  */
 test('peer faults: a backend that never reads, and the client resets: the backend side is closed promptly', { timeout: 30_000 }, async () => {
   const { backend, use } = await switchableBackend();

@@ -11,10 +11,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { parseAddress } from '../src/address.ts';
-import { parseArgv } from '../src/args.ts';
+import { parseAddress } from '../src/config/address.ts';
+import { parseArgv } from '../src/config/args.ts';
 import { EINVAL, ProxyError } from '../src/errors.ts';
-import { assignRoutes, checkRouteName, DEFAULT_ROUTE_LABEL, splitRouteArg } from '../src/route.ts';
+import { assignRoutes, checkRouteName, DEFAULT_ROUTE_LABEL, splitRouteArg } from '../src/config/route.ts';
 import { runProxy } from './helpers.ts';
 
 const STRESS = process.env.SOCKET_PROXYD_STRESS === '1';

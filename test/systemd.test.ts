@@ -349,9 +349,9 @@ describe('sd_notify', { concurrency: true }, () => {
       const [unset, set] = await Promise.all([run(undefined), run(receiver.address)]);
       // The recorder works: it saw our entry point in both runs.
       assert.ok(unset.modules.some((u) => u.endsWith('/dist/main.js')), `recorder saw main.js: ${unset.modules.join(' ')}`);
-      assert.ok(!unset.modules.some((u) => u.endsWith('/dist/notify.js')), 'notify.js not loaded without NOTIFY_SOCKET');
+      assert.ok(!unset.modules.some((u) => u.endsWith('/dist/system/notify.js')), 'notify.js not loaded without NOTIFY_SOCKET');
       assert.ok(!unset.maps.includes('sd_notify.node'), 'the native addon is not mapped without NOTIFY_SOCKET');
-      assert.ok(set.modules.some((u) => u.endsWith('/dist/notify.js')), 'notify.js loaded with NOTIFY_SOCKET');
+      assert.ok(set.modules.some((u) => u.endsWith('/dist/system/notify.js')), 'notify.js loaded with NOTIFY_SOCKET');
       assert.ok(set.maps.includes('sd_notify.node'), 'the addon is mapped with NOTIFY_SOCKET');
     } finally {
       await receiver.close();

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
-import { parseSec, formatTimespan, TimespanError, USEC_INFINITY } from '../src/timespan.ts';
+import { parseSec, formatTimespan, TimespanError, USEC_INFINITY } from '../src/config/timespan.ts';
 import { prng } from './helpers.ts';
 
 const EINVAL = 22;

@@ -48,10 +48,10 @@ function fail(reason: string): false {
 
 function loadAddon(): NotifyAddon | null {
   if (addon !== undefined) return addon;
-  // Both src/ (type-stripped) and dist/ (compiled) sit one level below the
-  // package root, so one relative path serves both.
+  // Both src/system/ (type-stripped) and dist/system/ (compiled) sit two levels
+  // below the package root, so one relative path serves both.
   const require = createRequire(import.meta.url);
-  const file = `../prebuilds/${process.platform}-${process.arch}/sd_notify.node`;
+  const file = `../../prebuilds/${process.platform}-${process.arch}/sd_notify.node`;
   try {
     const loaded: unknown = require(file);
     if (

@@ -12,7 +12,7 @@
  * datagram/seqpacket/connected sockets to the same message.
  */
 import { fstatSync } from 'node:fs';
-import { EBADF, EINVAL, ENOTSOCK, ProxyError } from './errors.ts';
+import { EBADF, EINVAL, ENOTSOCK, ProxyError } from '../errors.ts';
 
 export const SD_LISTEN_FDS_START = 3;
 

@@ -17,7 +17,7 @@
  * loadBindings() checks every member we call at start-up, so a Node that changed
  * them fails with one clear line instead of misbehaving on the first connection.
  */
-import { ProxyError, EINVAL } from './errors.ts';
+import { ProxyError, EINVAL } from '../errors.ts';
 
 /** A connected (or connecting) TCP or UNIX stream socket: Node's TCPWrap or PipeWrap. */
 export interface StreamHandle {

@@ -25,8 +25,8 @@
  */
 import { advanceTick } from './clock.ts';
 import { destroyConnection, type Connection } from './forward.ts';
-import { LOG_DEBUG } from './log.ts';
-import { formatTimespan } from './timespan.ts';
+import { LOG_DEBUG } from '../system/log.ts';
+import { formatTimespan } from '../config/timespan.ts';
 import type { TcpHandle } from './uv.ts';
 
 export interface Sweep {

@@ -14,7 +14,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
-import { ENAMETOOLONG, EINVAL, ProxyError } from './errors.ts';
+import { ENAMETOOLONG, EINVAL, ProxyError } from '../errors.ts';
 
 export type Address =
   /** `path` is what Node's net API takes: abstract names start with "\0". */

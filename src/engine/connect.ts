@@ -34,8 +34,8 @@ import {
   type Connection,
   type ProxyHandle,
 } from './forward.ts';
-import { LOG_DEBUG, LOG_ERR } from './log.ts';
-import { strerror } from './strerror.ts';
+import { LOG_DEBUG, LOG_ERR } from '../system/log.ts';
+import { strerror } from '../system/strerror.ts';
 import { uv, type ConnectReq, type StreamHandle } from './uv.ts';
 
 /** How a route establishes backends: the options of this file, and its wait queue. */

@@ -14,16 +14,16 @@ import { statSync } from 'node:fs';
 import { Server } from 'node:net';
 import { dirname } from 'node:path';
 import { getSystemErrorName } from 'node:util';
-import { formatAddress, formatPeer, type Address } from './address.ts';
-import { MSG_NOT_STREAM } from './activation.ts';
-import { EINVAL, ENOTSOCK, ProxyError } from './errors.ts';
+import { formatAddress, formatPeer, type Address } from '../config/address.ts';
+import { MSG_NOT_STREAM } from '../system/activation.ts';
+import { EINVAL, ENOTSOCK, ProxyError } from '../errors.ts';
 import { createWaitQueue, establish, released, resolved } from './connect.ts';
 import { destroyConnection, startConnection, type Connection, type StreamHandle } from './forward.ts';
 import { createSweep, startSweep, stopSweep, type Sweep } from './sweep.ts';
-import { LOG_DEBUG, LOG_WARNING, type Logger } from './log.ts';
-import { DEFAULT_ROUTE_LABEL, type Route, type RouteSpec } from './route.ts';
-import { createStats, type Stats } from './stats.ts';
-import { strerror } from './strerror.ts';
+import { LOG_DEBUG, LOG_WARNING, type Logger } from '../system/log.ts';
+import { DEFAULT_ROUTE_LABEL, type Route, type RouteSpec } from '../config/route.ts';
+import { createStats, type Stats } from '../ops/stats.ts';
+import { strerror } from '../system/strerror.ts';
 import { checkBindings, uv, type TcpHandle } from './uv.ts';
 
 export interface ProxyOptions {

@@ -11,7 +11,7 @@
  * Pure: no I/O and no process.env access; the caller passes the environment in.
  */
 
-import { EINVAL, ERANGE, ProxyError } from './errors.ts';
+import { EINVAL, ERANGE, ProxyError } from '../errors.ts';
 import { parseSec, USEC_INFINITY } from './timespan.ts';
 import { checkRouteName, splitRouteArg } from './route.ts';
 

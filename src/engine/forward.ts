@@ -42,15 +42,15 @@
  * that changes conn.clientBuf/backendBuf returns the same buffer to the handle, and
  * an empty read (n = 0) changes neither.
  */
-import { LOG_DEBUG, LOG_ERR } from './log.ts';
-import { strerror } from './strerror.ts';
+import { LOG_DEBUG, LOG_ERR } from '../system/log.ts';
+import { strerror } from '../system/strerror.ts';
 import { headerFor, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
 import { uv, UV_EOF, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
 import { tick } from './clock.ts';
-import type { Address } from './address.ts';
+import type { Address } from '../config/address.ts';
 import type { BackendPolicy } from './connect.ts';
-import type { Stats } from './stats.ts';
+import type { Stats } from '../ops/stats.ts';
 
 export type { StreamHandle } from './uv.ts';
 

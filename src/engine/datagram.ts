@@ -29,12 +29,12 @@
 import { lookup, type LookupAddress } from 'node:dns';
 import { Socket } from 'node:net';
 import { getSystemErrorName } from 'node:util';
-import { formatAddress, formatPeer, type Address } from './address.ts';
-import { EINVAL, ProxyError } from './errors.ts';
-import { LOG_DEBUG, LOG_WARNING } from './log.ts';
+import { formatAddress, formatPeer, type Address } from '../config/address.ts';
+import { EINVAL, ProxyError } from '../errors.ts';
+import { LOG_DEBUG, LOG_WARNING } from '../system/log.ts';
 import { armIdleTimer, disarmIdleTimer, routeFor, type Proxy } from './proxy.ts';
-import type { Route } from './route.ts';
-import { strerror } from './strerror.ts';
+import type { Route } from '../config/route.ts';
+import { strerror } from '../system/strerror.ts';
 import { uv, type SendReq, type UdpHandle, type UdpPeer } from './uv.ts';
 
 /** Flows end after this long without a datagram when --idle-timeout= is not given. */

@@ -8,7 +8,7 @@
  * All arithmetic is in bigint so that the usec_t (uint64) overflow checks behave as in C.
  */
 
-import { EINVAL, ERANGE } from './errors.ts';
+import { EINVAL, ERANGE } from '../errors.ts';
 
 /** usec_t's "infinity": UINT64_MAX. Finite spans are at most USEC_INFINITY - 1. */
 export const USEC_INFINITY: bigint = 2n ** 64n - 1n;

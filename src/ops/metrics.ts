@@ -23,7 +23,7 @@
  */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { Address } from './address.ts';
+import type { Address } from '../config/address.ts';
 import type { Stats } from './stats.ts';
 
 /** One set of counters; `route` labels it once the proxy has several routes (null: none). */

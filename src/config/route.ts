@@ -17,10 +17,10 @@
  * state that features need (counters, per-target retry state) belongs on Route.
  */
 import type { Address } from './address.ts';
-import { EINVAL, ProxyError } from './errors.ts';
-import type { ConnectionOwner } from './forward.ts';
-import type { Proxy } from './proxy.ts';
-import type { Stats } from './stats.ts';
+import { EINVAL, ProxyError } from '../errors.ts';
+import type { ConnectionOwner } from '../engine/forward.ts';
+import type { Proxy } from '../engine/proxy.ts';
+import type { Stats } from '../ops/stats.ts';
 
 /** FDNAME_MAX in systemd: the longest name FileDescriptorName= accepts. */
 export const FDNAME_MAX = 255;
