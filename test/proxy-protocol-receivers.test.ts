@@ -25,10 +25,10 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants, mkdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, readFileSync, readlinkSync, realpathSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { createServer, type Server, type Socket } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import {
   OURS,
   ROOT,
@@ -909,7 +909,11 @@ describe('systemd v261 unit files under a real systemd manager', { skip: noManag
     // What the test needs besides: the proxy's stderr in a file (a drop-in, so the unit stays
     // as written), and an nginx.service for Requires=, listening on that socket.
     mkdirSync(join(manager.unitDir, 'proxy-to-nginx.service.d'));
-    writeFileSync(join(manager.unitDir, 'proxy-to-nginx.service.d', 'test.conf'), `[Service]\nStandardError=append:${log}\n`);
+    // PrivateTmp=yes hides /tmp and /var/tmp from the proxy: a checkout there (CI's fresh
+    // clone may be one) is bound into its namespace read-only, again by a drop-in.
+    const hidden = [ROOT, dirname(realpathSync(process.execPath))].filter((d) => /^\/(var\/)?tmp\//.test(`${d}/`));
+    const binds = [...new Set(hidden)].map((d) => `BindReadOnlyPaths=${d}\n`).join('');
+    writeFileSync(join(manager.unitDir, 'proxy-to-nginx.service.d', 'test.conf'), `[Service]\nStandardError=append:${log}\n${binds}`);
     writeFileSync(join(nginxDir, 'nginx.conf'), nginxConf(nginxDir, [`unix:${sock}`], join(manager.kit, 'app.sock')));
     writeFileSync(
       join(manager.unitDir, 'nginx.service'),
