@@ -9,76 +9,14 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { managerUnavailable as unavailable, startManager } from './systemd-manager.ts';
 import { OURS, echo, roundTrip, startBackend, waitFor } from './helpers.ts';
 
-const SYSTEMD = '/lib/systemd/systemd';
 const SLOW = 15_000;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-function unavailable(): string | null {
-  if (process.getuid?.() !== 0) return 'needs root (a systemd --user manager in a private mount namespace)';
-  for (const tool of [SYSTEMD, '/usr/bin/systemctl', '/usr/bin/unshare', '/usr/bin/nsenter']) {
-    if (!existsSync(tool)) return `${tool} is missing`;
-  }
-  return null;
-}
-
-type Run = { status: number | null; stdout: string; stderr: string };
-
-/** A private systemd --user manager (the recipe of real-systemd.md, as test/ops-systemd.test.ts). */
-async function startManager(): Promise<{ unitDir: string; kit: string; systemctl(...args: string[]): Promise<Run>; close(): Promise<void> }> {
-  const kit = mkdtempSync('/run/spd-udp-test-');
-  const runtime = join(kit, 'runtime');
-  const config = join(kit, 'config');
-  const unitDir = join(config, 'systemd', 'user');
-  mkdirSync(runtime, { mode: 0o700 });
-  mkdirSync(unitDir, { recursive: true });
-  mkdirSync(join(kit, 'run-systemd', 'system'), { recursive: true });
-  const env: NodeJS.ProcessEnv = { ...process.env, XDG_RUNTIME_DIR: runtime, XDG_CONFIG_HOME: config };
-  delete env.NOTIFY_SOCKET;
-  delete env.NODE_TEST_CONTEXT;
-  const procs: ChildProcess[] = [];
-  const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount --bind ${kit}/run-systemd /run/systemd && exec sleep 300`], {
-    stdio: 'ignore',
-  });
-  procs.push(holder);
-  await sleep(300);
-  procs.push(spawn('nsenter', ['-t', String(holder.pid), '-m', SYSTEMD, '--user', '--log-target=console'], { env, stdio: 'ignore' }));
-  const systemctl = (...args: string[]): Promise<Run> =>
-    new Promise((resolve) => {
-      const child = spawn('systemctl', ['--user', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'], timeout: 60_000 });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-      child.on('close', (status) => resolve({ status, stdout, stderr }));
-    });
-  const deadline = performance.now() + SLOW;
-  while ((await systemctl('show-environment')).status !== 0) {
-    if (performance.now() > deadline) throw new Error('the systemd --user manager did not start');
-    await sleep(100);
-  }
-  return {
-    unitDir,
-    kit,
-    systemctl,
-    async close() {
-      for (const p of procs.reverse()) {
-        if (p.exitCode === null && p.signalCode === null) {
-          p.kill('SIGTERM');
-          await Promise.race([once(p, 'exit'), sleep(3000)]);
-          if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-        }
-      }
-      rmSync(kit, { recursive: true, force: true });
-    },
-  };
-}
 
 /** Bind and close a UDP socket to find a port that is free now (systemd binds it next). */
 async function freeUdpPort(): Promise<number> {
@@ -114,7 +52,7 @@ test('real systemd: ListenDatagram= starts the proxy on the first datagram and i
   const backendUdp = udp;
   backendUdp.on('message', (m, r) => backendUdp.send(m, r.port, r.address));
 
-  const manager = await startManager();
+  const manager = await startManager('spd-udp-test');
   const udpPort = await freeUdpPort();
   const log = join(manager.kit, 'proxy.log');
   const client = createSocket('udp4');

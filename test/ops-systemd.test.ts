@@ -13,33 +13,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
+import { managerUnavailable as unavailable, startManager } from './systemd-manager.ts';
 import { OURS, connect, randomBytes, readAll, sha256, startBackend, waitFor } from './helpers.ts';
 
-const SYSTEMD = '/lib/systemd/systemd';
 const SLOW = 15_000;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-function unavailable(): string | null {
-  if (process.getuid?.() !== 0) return 'needs root (a systemd --user manager in a private mount namespace)';
-  for (const tool of [SYSTEMD, '/usr/bin/systemctl', '/usr/bin/unshare', '/usr/bin/nsenter']) {
-    if (!existsSync(tool)) return `${tool} is missing`;
-  }
-  return null;
-}
-
-interface Manager {
-  env: NodeJS.ProcessEnv;
-  unitDir: string;
-  kit: string;
-  /** Async: the backend lives in this process, and a blocking call would stall it. */
-  systemctl(...args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }>;
-  close(): Promise<void>;
-}
 
 /** Poll an async condition every 100 ms until it holds; fail after `ms`. */
 async function until(cond: () => Promise<boolean>, what: string, ms = SLOW): Promise<void> {
@@ -48,56 +30,6 @@ async function until(cond: () => Promise<boolean>, what: string, ms = SLOW): Pro
     if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(100);
   }
-}
-
-async function startManager(): Promise<Manager> {
-  const kit = mkdtempSync('/run/spd-ops-test-');
-  const runtime = join(kit, 'runtime');
-  const config = join(kit, 'config');
-  const unitDir = join(config, 'systemd', 'user');
-  mkdirSync(runtime, { mode: 0o700 });
-  mkdirSync(unitDir, { recursive: true });
-  mkdirSync(join(kit, 'run-systemd', 'system'), { recursive: true });
-  const env: NodeJS.ProcessEnv = { ...process.env, XDG_RUNTIME_DIR: runtime, XDG_CONFIG_HOME: config };
-  delete env.NOTIFY_SOCKET;
-  delete env.NODE_TEST_CONTEXT;
-  const procs: ChildProcess[] = [];
-  const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount --bind ${kit}/run-systemd /run/systemd && exec sleep 300`], {
-    stdio: 'ignore',
-  });
-  procs.push(holder);
-  await sleep(300);
-  const manager = spawn('nsenter', ['-t', String(holder.pid), '-m', SYSTEMD, '--user', '--log-target=console'], {
-    env,
-    stdio: ['ignore', 'ignore', 'ignore'],
-  });
-  procs.push(manager);
-  const systemctl = (...args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> =>
-    new Promise((resolve) => {
-      const child = spawn('systemctl', ['--user', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'], timeout: 60_000 });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-      child.on('close', (status) => resolve({ status, stdout, stderr }));
-    });
-  await until(async () => (await systemctl('show-environment')).status === 0, 'the systemd --user manager');
-  return {
-    env,
-    unitDir,
-    kit,
-    systemctl,
-    async close() {
-      for (const p of procs.reverse()) {
-        if (p.exitCode === null && p.signalCode === null) {
-          p.kill('SIGTERM');
-          await Promise.race([once(p, 'exit'), sleep(3000)]);
-          if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-        }
-      }
-      rmSync(kit, { recursive: true, force: true });
-    },
-  };
 }
 
 /** "stream N" gets N KiB paced over `ms` then EOF; anything else is echoed. */
@@ -136,7 +68,7 @@ test('real systemd: restart while a transfer runs drains it past TimeoutStopSec=
     return;
   }
   const backend = await streamingBackend(5000);
-  const manager = await startManager();
+  const manager = await startManager('spd-ops-test');
   const path = join(manager.kit, 'proxy.sock');
   const log = join(manager.kit, 'proxy.log');
   try {

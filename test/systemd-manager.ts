@@ -4,8 +4,7 @@
  * (the recipe of ../shared/reference/real-systemd.md). Units go in `unitDir`; everything
  * lives under `kit` (in /run, not /tmp: PrivateTmp=yes would hide it from a service).
  *
- * The same harness as test/routes-systemd.test.ts, test/ops-systemd.test.ts and
- * test/datagram-systemd.test.ts (each has its own copy), as a module for new tests.
+ * Shared by every test that needs a real manager (routes, ops, datagram, PROXY protocol).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
