@@ -292,7 +292,7 @@ function wakeAll(wait: WaitQueue): void {
   }
   const waiters = [...wait.queue];
   wait.queue.clear();
-  stopSweep(wait);
+  stopWaitSweep(wait);
   for (const conn of waiters) {
     conn.waiting = false;
     attempt(conn);
@@ -330,7 +330,7 @@ function sweepWaiters(wait: WaitQueue): void {
  */
 function settleIfEmpty(wait: WaitQueue): void {
   if (wait.queue.size !== 0 || wait.probe !== null) return;
-  stopSweep(wait);
+  stopWaitSweep(wait);
   if (wait.probeTimer !== null) {
     clearTimeout(wait.probeTimer);
     wait.probeTimer = null;
@@ -339,7 +339,7 @@ function settleIfEmpty(wait: WaitQueue): void {
   wait.delay = FIRST_DELAY_MS;
 }
 
-function stopSweep(wait: WaitQueue): void {
+function stopWaitSweep(wait: WaitQueue): void {
   if (wait.sweepTimer === null) return;
   clearInterval(wait.sweepTimer);
   wait.sweepTimer = null;
