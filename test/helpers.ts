@@ -179,6 +179,27 @@ export function readAll(s: Socket, timeoutMs = 10_000): Promise<{ data: Buffer; 
   });
 }
 
+/**
+ * A TCP port on 127.0.0.1 that nothing listens on now and that no other test will take:
+ * picked at random below the kernel's ephemeral range (32768 and up), where every `port 0`
+ * bind of the other test files lands, and checked free. A port freed from the ephemeral
+ * range could be handed to a test file running alongside before it is used.
+ */
+export async function unusedPort(): Promise<number> {
+  for (;;) {
+    const port = 20_000 + Math.floor(Math.random() * 10_000);
+    const s = createServer();
+    const ok = await new Promise<boolean>((res) => {
+      s.once('error', () => res(false));
+      s.listen(port, '127.0.0.1', () => res(true));
+    });
+    if (!ok) continue;
+    s.close();
+    await once(s, 'close');
+    return port;
+  }
+}
+
 /** Wait for a condition, polling; throws after timeoutMs. */
 export async function waitFor(cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -28,6 +28,7 @@ import {
   startProxy,
   tempDir,
   waitFor,
+  unusedPort,
   type Proxy,
 } from './helpers.ts';
 
@@ -39,15 +40,8 @@ const sockPath = (name: string): string => join(tmp.dir, `${name}-${++seq}.sock`
 const DEBUG = { SYSTEMD_LOG_LEVEL: 'debug' };
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** A port nothing listens on (bound and closed again, so refused). */
-async function freePort(): Promise<number> {
-  const s = createServer().listen(0, '127.0.0.1');
-  await once(s, 'listening');
-  const port = (s.address() as { port: number }).port;
-  s.close();
-  await once(s, 'close');
-  return port;
-}
+/** A port nothing listens on (so refused), and no other test file takes meanwhile. */
+const freePort = unusedPort;
 
 /** Wrap the proxy in a network namespace of its own, with loopback up and `rules` (nft) loaded. */
 function netnsWrapper(rules: string[] = []): string[] {
@@ -634,10 +628,16 @@ test('control: without --connect-retry= the statistics line has no waiting count
   const backend = await startBackend(echo);
   const proxy = await startProxy({ args: [backend.address], listen: [{ kind: 'tcp' }] });
   try {
-    await sleep(300);
+    // Served once: the proxy is up, its SIGUSR1 handler installed (before that, Node's own
+    // default would take the signal).
+    const where = proxy.listeners[0]?.connectOptions as { host: string; port: number };
+    const c = await client(where, Buffer.from('up?'));
+    await new Promise((res) => c.socket.once('data', res));
+    c.socket.destroy();
     proxy.child.kill('SIGUSR1');
     await waitFor(() => proxy.stderr().includes('Statistics: '), 5000, 'the statistics line');
-    assert.match(proxy.stderr(), /Statistics: 0 open, 0 accepted, /);
+    assert.match(proxy.stderr(), /Statistics: \d+ open, 1 accepted, 0 refused by limit, 0 backend failures, /);
+    assert.doesNotMatch(proxy.stderr(), /waiting/);
   } finally {
     await proxy.stop();
     await backend.close();

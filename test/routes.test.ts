@@ -21,6 +21,7 @@ import {
   startBackend,
   startProxy,
   tempDir,
+  unusedPort,
   waitFor,
   type Backend,
   type ListenSpec,
@@ -214,9 +215,8 @@ test('a route error comes before READY=1: the service manager gets only ERRNO=22
 });
 
 test('with several routes each line about a connection names its route; with one route, lines are exactly today\'s', async () => {
-  const dead = await startBackend(() => {});
-  const deadAddress = dead.address;
-  await dead.close(); // now refuses
+  // Refuses, and stays refusing: a port no other test file takes meanwhile.
+  const deadAddress = `127.0.0.1:${await unusedPort()}`;
   const live = await tagged('live');
   try {
     const p = await startProxy({
