@@ -126,8 +126,8 @@ test('--connect-timeout=: a backend that drops SYNs closes the client after SPAN
     ok.socket.end();
     const r = await ok.done;
     assert.equal(sha256(r.data), sha256(payload));
-    assert.ok(performance.now() - t0 < 900, 'served while the other connect was still pending');
     const h = await hung.done;
+    assert.ok(r.at < h.at, 'served while the other connect was still pending');
     const took = h.at - t0;
     assert.equal(h.data.length, 0);
     assert.ok(took >= 950 && took < 2500, `closed after ${took.toFixed(0)} ms (SPAN 1 s)`);
@@ -414,7 +414,7 @@ test('--connect-retry=: 500 waiting clients do not multiply the attempts, and al
     a = activeOpens(proxy.pid);
     await sleep(2000);
     const many = activeOpens(proxy.pid) - a;
-    assert.ok(one >= 4 && one <= 12, `one waiting client: ${one} attempts in 2 s (backoff capped at 250 ms)`);
+    assert.ok(one >= 4 && one <= 12, `one waiting client: ${one} attempts in 2 s (backoff capped at 200 ms)`);
     assert.ok(many <= one + 3, `500 waiting clients: ${many} attempts in 2 s, against ${one} for one`);
     // The backend appears in the proxy's namespace. It times each accept from its own
     // listen(): what the proxy controls (the test's reading of 500 replies is not).
@@ -485,7 +485,9 @@ test('--idle-timeout=: an idle connection is closed within [SPAN, SPAN + 1 s]; a
     }
     const r = await idle.done;
     const after = r.at - lastIdle;
-    assert.ok(after >= 1000 && after < 2300, `idle connection closed ${after.toFixed(0)} ms after its last data`);
+    // The proxy promises [SPAN, SPAN + 1 s] after the last data it moved; both ends here are
+    // seen from this process, which on a loaded 2-core runner adds its own lag: 800 ms of slack.
+    assert.ok(after >= 950 && after < 2800, `idle connection closed ${after.toFixed(0)} ms after its last data`);
     assert.equal(r.data.toString(), 'once');
     assert.equal(echoed, 8, 'the trickling connection is alive and echoing');
     const still = await Promise.race([trickle.done.then(() => 'closed'), sleep(50).then(() => 'open')]);
@@ -499,17 +501,22 @@ test('--idle-timeout=: an idle connection is closed within [SPAN, SPAN + 1 s]; a
 });
 
 test('--idle-timeout=: a half-closed connection whose peer stays silent is closed', async () => {
-  // The backend reads, never answers, never closes.
-  const backend = await startBackend((s) => s.resume());
+  // The backend reads, never answers, never closes; it notes when the last data came.
+  let lastData = 0;
+  const backend = await startBackend((s) => {
+    s.on('data', () => (lastData = performance.now()));
+    s.resume();
+  });
   const proxy = await startProxy({ args: ['--idle-timeout=1s', backend.address], listen: [{ kind: 'tcp' }] });
   try {
     const where = proxy.listeners[0]?.connectOptions as { host: string; port: number };
     const c = await client(where);
     c.socket.end('request');
-    const t0 = performance.now();
     const r = await c.done;
-    const took = r.at - t0;
-    assert.ok(took >= 950 && took < 2500, `closed after ${took.toFixed(0)} ms`);
+    assert.ok(lastData > 0, 'the request reached the backend');
+    const took = r.at - lastData;
+    // [SPAN, SPAN + 1 s] after the last data, plus this process's own lag (as above).
+    assert.ok(took >= 950 && took < 2800, `closed ${took.toFixed(0)} ms after the last data`);
     // The backend's side is closed too.
     await waitFor(() => backend.sockets.every((s) => s.destroyed || s.readableEnded), 3000, 'the backend side to close');
   } finally {

@@ -11,8 +11,8 @@
  *
  * Waiters are coalesced per route (one target): while the target is down, one attempt at
  * a time probes it on behalf of the oldest waiter, after a backoff of 50 ms doubling to
- * 250 ms, so the attempts per second are the same for 1 or 1,000 waiting clients, and a
- * backend that comes up is found within about a quarter second. When the probe connects,
+ * 200 ms, so the attempts per second are the same for 1 or 1,000 waiting clients, and a
+ * backend that comes up is found within a fifth of a second. When the probe connects,
  * every waiter connects at once. A client arriving while the target is down joins the
  * queue without an attempt of its own. Each waiter gives up when its own SPAN (from its
  * accept) has passed, with the last error and the reference's message.
@@ -81,7 +81,7 @@ const RETRYABLE: ReadonlySet<string> = new Set([
 ]);
 
 const FIRST_DELAY_MS = 50;
-const MAX_DELAY_MS = 250;
+const MAX_DELAY_MS = 200;
 const WAIT_SWEEP_MS = 250;
 /** Check waiting clients for a reset every this many sweeps (about once a second). */
 const RESET_CHECK_EVERY = 4;
