@@ -91,8 +91,9 @@ const LONG_OPTIONS: readonly LongOption[] = [
 /** The reference's own options (the first four entries): their abbreviations keep meaning them. */
 const REFERENCE_OPTION_COUNT = 4;
 
-/** The largest TCP_KEEPIDLE Linux accepts (MAX_TCP_KEEPIDLE), in seconds. */
-const MAX_KEEPIDLE_USEC = 32767n * 1_000_000n;
+/** The largest TCP_KEEPIDLE Linux accepts (MAX_TCP_KEEPIDLE), in seconds (the engine checks it too). */
+export const MAX_KEEPIDLE_SEC = 32767;
+const MAX_KEEPIDLE_USEC = BigInt(MAX_KEEPIDLE_SEC) * 1_000_000n;
 
 function usage(message: string, errno: number = EINVAL): ProxyError {
   return new ProxyError('ERR_USAGE', message, errno);
@@ -226,6 +227,12 @@ function timespanErrno(err: unknown): number | undefined {
   return undefined;
 }
 
+/** A span where "infinity" means no bound: null. */
+function parseSpanOrNull(id: ValueOptionId, arg: string): bigint | null {
+  const usec = parseSpan(id, arg);
+  return usec === USEC_INFINITY ? null : usec;
+}
+
 function parseSpan(id: ValueOptionId, arg: string): bigint {
   try {
     return parseSec(arg);
@@ -247,35 +254,27 @@ function apply(id: ValueOptionId, arg: string, options: Options): void {
       options.connectionsMax = n;
       return;
     }
-    case 'exit-idle-time': {
-      const usec = parseSpan(id, arg);
-      options.exitIdleTimeUsec = usec === USEC_INFINITY ? null : usec;
+    case 'exit-idle-time':
+      options.exitIdleTimeUsec = parseSpanOrNull(id, arg);
       return;
-    }
-    case 'drain-timeout': {
-      const usec = parseSpan(id, arg);
-      options.drainTimeoutUsec = usec === USEC_INFINITY ? null : usec;
+    case 'drain-timeout':
+      options.drainTimeoutUsec = parseSpanOrNull(id, arg);
       return;
-    }
     case 'metrics':
       // Stored raw, like --listen=: the caller parses it with parseAddress().
       options.metrics = arg;
       return;
-    case 'idle-timeout': {
-      const usec = parseSpan(id, arg);
-      options.idleTimeoutUsec = usec === USEC_INFINITY ? null : usec;
+    case 'idle-timeout':
+      options.idleTimeoutUsec = parseSpanOrNull(id, arg);
       return;
-    }
     case 'connect-timeout': {
-      const usec = parseSpan(id, arg);
-      options.connectTimeoutUsec = usec === USEC_INFINITY || usec === 0n ? null : usec;
+      const usec = parseSpanOrNull(id, arg);
+      options.connectTimeoutUsec = usec === 0n ? null : usec;
       return;
     }
-    case 'connect-retry': {
-      const usec = parseSpan(id, arg);
-      options.connectRetryUsec = usec === USEC_INFINITY ? null : usec;
+    case 'connect-retry':
+      options.connectRetryUsec = parseSpanOrNull(id, arg);
       return;
-    }
     case 'keepalive': {
       const usec = parseSpan(id, arg);
       // TCP_KEEPIDLE is whole seconds up to 32767: a longer span cannot be honoured, say so.

@@ -303,7 +303,7 @@ function headerFailed(conn: Connection, err: number): void {
   teardown(conn);
 }
 
-export function errnoCode(status: number): { code: string } {
+function errnoCode(status: number): { code: string } {
   return { code: getSystemErrorName(status) };
 }
 

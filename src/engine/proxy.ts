@@ -21,6 +21,7 @@ import { createWaitQueue, establish, released, resolved } from './connect.ts';
 import { destroyConnection, startConnection, type Connection, type StreamHandle } from './forward.ts';
 import { createSweep, startSweep, stopSweep, type Sweep } from './sweep.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from '../system/log.ts';
+import { MAX_KEEPIDLE_SEC } from '../config/args.ts';
 import { DEFAULT_ROUTE_LABEL, type Route, type RouteSpec } from '../config/route.ts';
 import { createStats, type Stats } from '../ops/stats.ts';
 import { strerror } from '../system/strerror.ts';
@@ -128,9 +129,6 @@ interface ServerHandle {
 
 /** setTimeout() cannot wait longer than this (2^31-1 ms, ~24.8 days). */
 const MAX_TIMER_MS = 0x7fffffff;
-
-/** The largest TCP_KEEPIDLE Linux accepts (MAX_TCP_KEEPIDLE), in seconds. */
-export const MAX_KEEPIDLE_SEC = 32767;
 
 /** Microseconds to whole milliseconds, rounded up; null (infinity) is 0 where 0 means "no bound". */
 function usecToMs(usec: bigint | null | undefined): number {
