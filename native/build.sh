@@ -1,9 +1,15 @@
 #!/bin/sh
-# Build native/sd_notify.c into a stripped N-API addon, offline.
+# Build the N-API addons in native/ into stripped shared objects, offline:
+#   sd_notify.c  -> sd_notify.node   sd_notify(3) (src/system/notify.ts)
+#   udp_flows.c  -> udp_flows.node   the UDP flows' data path (src/engine/datagram.ts)
+# Two files, not one: each is loaded only when needed (NOTIFY_SOCKET set; a datagram
+# socket served), and the notify one stays a stateless few lines that cannot be
+# broken by the other.
 #
 #   native/build.sh [--arch=ARCH] [OUTPUT]
 #       ARCH     the target: this machine's (default) or arm64 (cross-compiled)
-#       OUTPUT   default: prebuilds/linux-<ARCH>/sd_notify.node
+#       OUTPUT   a directory: both addons in it (default: prebuilds/linux-<ARCH>/);
+#                a file NAME.node: only native/NAME.c, into that file
 #
 # The committed prebuilds are made on Debian 12 with
 #   native/build.sh                 (gcc, linux-x64)
@@ -25,11 +31,10 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-src="$here/sd_notify.c"
 
 case "$(uname -s)" in
   Linux) platform=linux ;;
-  *) echo "build.sh: only Linux is supported (sd_notify is a systemd protocol)" >&2; exit 1 ;;
+  *) echo "build.sh: only Linux is supported (sd_notify is a systemd protocol; the UDP path uses recvmmsg)" >&2; exit 1 ;;
 esac
 # Node's process.arch names, which is what src/notify.ts looks for in prebuilds/.
 case "$(uname -m)" in
@@ -64,7 +69,13 @@ if ! command -v "$cc" >/dev/null 2>&1; then
   [ "$arch" = arm64 ] && [ "$host" != arm64 ] && hint=" (Debian: apt-get install gcc-aarch64-linux-gnu)"
   echo "build.sh: C compiler $cc not found$hint" >&2; exit 1
 fi
-out=${1:-"$root/prebuilds/$platform-$arch/sd_notify.node"}
+out=${1:-"$root/prebuilds/$platform-$arch"}
+case "$out" in
+  *.node) name=$(basename "$out" .node)
+          [ -f "$here/$name.c" ] || { echo "build.sh: no native/$name.c for $out" >&2; exit 1; }
+          addons=$name ;;
+  *) addons="sd_notify udp_flows" ;;
+esac
 
 has_headers() { [ -n "$1" ] && [ -f "$1/node_api.h" ]; }
 
@@ -95,22 +106,30 @@ find_headers() {
 }
 inc=$(find_headers)
 
-mkdir -p "$(dirname "$out")"
-tmp="$out.tmp.$$"
-trap 'rm -f "$tmp"' EXIT
-# -shared without -z defs: the napi_* symbols are resolved against the node
+# -shared without -z defs: the napi_* (and uv_*) symbols are resolved against the node
 # executable at dlopen time. -s strips; --build-id=none and no debug info keep
 # the output a pure function of source + compiler, so a rebuild can be compared
 # byte for byte with the committed binary; -ffile-prefix-map keeps the checkout's
 # path out even if the source ever uses __FILE__ or assert(). arm64 keeps the
 # linker's default 64 KiB segment alignment (hence a 64 KiB file): kernels with
 # 64 KiB pages (RHEL on Graviton/Ampere) cannot map a 4 KiB-aligned object.
-LC_ALL=C "$cc" -std=c11 -D_GNU_SOURCE -O2 -fPIC -fvisibility=hidden \
-  -Wall -Wextra \
-  -ffile-prefix-map="$root"=. \
-  -I"$inc" -shared -s \
-  -Wl,--build-id=none -Wl,-z,relro -Wl,-z,now -Wl,--as-needed \
-  -o "$tmp" "$src"
-mv -f "$tmp" "$out"
-trap - EXIT
-echo "built $out for $platform-$arch with $cc (headers: $inc)" >&2
+build() { # build NAME OUTPUT-FILE
+  mkdir -p "$(dirname "$2")"
+  tmp="$2.tmp.$$"
+  trap 'rm -f "$tmp"' EXIT
+  LC_ALL=C "$cc" -std=c11 -D_GNU_SOURCE -O2 -fPIC -fvisibility=hidden \
+    -Wall -Wextra \
+    -ffile-prefix-map="$root"=. \
+    -I"$inc" -shared -s \
+    -Wl,--build-id=none -Wl,-z,relro -Wl,-z,now -Wl,--as-needed \
+    -o "$tmp" "$here/$1.c"
+  mv -f "$tmp" "$2"
+  trap - EXIT
+  echo "built $2 for $platform-$arch with $cc (headers: $inc)" >&2
+}
+for name in $addons; do
+  case "$out" in
+    *.node) build "$name" "$out" ;;
+    *) build "$name" "$out/$name.node" ;;
+  esac
+done

@@ -284,6 +284,7 @@ function waitingTotal(p: Proxy): number | undefined {
 }
 
 function metricsSamples(p: Proxy): { route: string | null; stats: Stats; open: number; flows: number; waiting: number }[] {
+  p.collectDatagramStats?.();
   if (p.routes.length === 1) return [{ route: null, stats: totalStats(p), open: p.connections.size, flows: p.flows, waiting: waitingTotal(p) ?? 0 }];
   return p.routes.map((r) => ({ route: r.name ?? DEFAULT_ROUTE_LABEL, stats: r.stats, open: r.open, flows: openFlows(p, r), waiting: waitingCount(r.wait) }));
 }

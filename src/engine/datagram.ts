@@ -9,6 +9,14 @@
  * to. One datagram in, one datagram out: boundaries are kept, up to the 65,507
  * bytes an IPv4 datagram can carry (65,527 over IPv6).
  *
+ * Two data paths, one policy. Where the addon of native/udp_flows.c loads (udp-native.ts:
+ * linux-x64 and linux-arm64 prebuilt), datagrams of established flows never reach
+ * JavaScript: the addon reads the sockets and forwards, and calls in here only for a
+ * datagram from an address with no flow (onNativeMiss), for a flow it ended on an
+ * error (onNativeEnd), and when asked (open, sweep, counters). Everything else in this
+ * file (the cap, resolution, logging, expiry, drain) serves both paths. Elsewhere, or
+ * with SOCKET_PROXYD_NATIVE_UDP=0, Node's UDP handles carry every datagram as below.
+ *
  * Why the raw UDPWrap handle (uv.ts) and not dgram.Socket: dgram must be told the
  * family and sends through the wrong one on a mismatch (every send fails with
  * EINVAL), it runs a DNS step (a tick) for every send to an address, and it makes a
@@ -36,6 +44,7 @@ import { armIdleTimer, disarmIdleTimer, routeFor, type Proxy } from './proxy.ts'
 import type { Route } from '../config/route.ts';
 import { strerror } from '../system/strerror.ts';
 import { uv, type SendReq, type UdpHandle, type UdpPeer } from './uv.ts';
+import { udpNative, udpNativeUnavailable, type NativeListener, type UdpFlowsAddon } from './udp-native.ts';
 
 /** Flows end after this long without a datagram when --idle-timeout= is not given. */
 export const DEFAULT_FLOW_IDLE_USEC = 60_000_000n;
@@ -56,7 +65,12 @@ export interface DatagramListener {
    * (route.stats) and its log prefix serve every flow of this socket.
    */
   readonly route: Route;
-  readonly handle: ListenHandle;
+  /** Node's handle on the socket (its data path); null when the addon serves it (set once, at start). */
+  handle: ListenHandle | null;
+  /** The addon's listener (native data path); null on Node's path (set once, at start). */
+  native: NativeListener | null;
+  /** Where it receives (getsockname at start). */
+  readonly local: UdpPeer;
   /** The socket's family: replies go out with send6() on AF_INET6 (client addresses may be ::ffff:a.b.c.d). */
   readonly ipv6: boolean;
   readonly target: Address;
@@ -64,6 +78,10 @@ export interface DatagramListener {
   readonly flows: Map<string, Map<number, Flow>>;
   /** Flows of this socket open now (the sum of the inner maps' sizes, kept as it changes). */
   open: number;
+  /** Native path: flows by the addon's id. */
+  readonly byId: Map<number, Flow>;
+  /** Native path: flows whose target name is being resolved (the addon has no socket for them yet). */
+  readonly resolving: Set<Flow>;
 }
 
 interface ListenHandle extends UdpHandle {
@@ -79,12 +97,16 @@ interface Flow {
   /** The client, as the listening socket reported it. */
   readonly address: string;
   readonly port: number;
-  /** The socket connected to the target; null while the target's name is being resolved. */
+  /** Node's path: the socket connected to the target; null while the target's name is being resolved. */
   handle: FlowHandle | null;
+  /** Native path: the addon's id for the flow (> 0) once its socket is connected, else 0. */
+  id: number;
+  /** Native path: the client's address as the addon gave it (a sockaddr), to open the flow with. */
+  readonly sockaddr: Uint8Array | null;
   /** The sweep clock (ms) when a datagram last passed, either way. */
   lastActive: number;
   /** While resolving: the first datagram, sent once connected (later ones are dropped). */
-  early: Buffer | null;
+  early: Uint8Array | null;
   /** A send to the target / a reply to the client is queued in libuv: drop, don't queue more. */
   sending: boolean;
   replying: boolean;
@@ -148,6 +170,7 @@ function stateOf(proxy: Proxy): DatagramState {
   states.set(proxy, state);
   proxy.closeDatagrams = closeDatagrams;
   proxy.stopDatagrams = stopDatagrams;
+  proxy.collectDatagramStats = collectDatagramStats;
   return state;
 }
 
@@ -229,29 +252,64 @@ export async function listenDatagramOnAddress(
 
 function startListener(proxy: Proxy, handle: ListenHandle, ipv6: boolean, route: Route): DatagramListener {
   const state = stateOf(proxy);
-  sendReq ??= newSendReq();
-  const listener: DatagramListener = { proxy, route, handle, ipv6, target: route.target, flows: new Map(), open: 0 };
-  handle[kListener] = listener;
-  handle.onmessage = onClientMessage;
-  // Datagrams already queued (the one that made systemd start us) are read in the next poll.
-  const err = handle.recvStart();
-  if (err !== 0) {
+  const out: Record<string, unknown> = {};
+  handle.getsockname(out);
+  const local = out as unknown as UdpPeer;
+  const addon = udpNative();
+  const logger = proxy.options.logger;
+  let native: NativeListener | null = null;
+  const listener: DatagramListener = {
+    proxy,
+    route,
+    handle,
+    native: null,
+    local,
+    ipv6,
+    target: route.target,
+    flows: new Map(),
+    open: 0,
+    byId: new Map(),
+    resolving: new Set(),
+  };
+  if (addon !== null && typeof handle.fd === 'number' && handle.fd >= 0) {
+    // The addon takes a copy of the socket; Node's handle on it is closed.
+    const got = addon.listen(handle.fd, listener, onNativeMiss, onNativeEnd);
+    if (typeof got === 'number') {
+      handle.close();
+      throw new ProxyError('ERR_LISTEN', `Failed to receive on a datagram socket: ${strerror({ code: getSystemErrorName(got) })}`, -got);
+    }
+    native = got;
     handle.close();
+  } else if (addon === null && logger.maxLevel >= LOG_DEBUG && state.listeners.length === 0) {
+    proxy.log(LOG_DEBUG, `Forwarding datagrams with Node's UDP handles (native path unavailable: ${udpNativeUnavailable()})`);
+  }
+  listener.native = native;
+  listener.handle = native === null ? handle : null;
+  // Datagrams already queued (the one that made systemd start us) are read in the next poll.
+  let err: number;
+  if (native !== null) {
+    err = (addon as UdpFlowsAddon).start(native);
+  } else {
+    sendReq ??= newSendReq();
+    handle[kListener] = listener;
+    handle.onmessage = onClientMessage;
+    err = handle.recvStart();
+  }
+  if (err !== 0) {
+    if (native !== null) (addon as UdpFlowsAddon).closeListener(native);
+    else handle.close();
     throw new ProxyError('ERR_LISTEN', `Failed to receive on a datagram socket: ${strerror({ code: getSystemErrorName(err) })}`, -err);
   }
   state.listeners.push(listener);
-  if (proxy.options.logger.maxLevel >= LOG_DEBUG) {
-    const a = datagramAddress(listener);
-    route.log(LOG_DEBUG, `Receiving datagrams on ${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`);
+  if (logger.maxLevel >= LOG_DEBUG) {
+    route.log(LOG_DEBUG, `Receiving datagrams on ${local.family === 'IPv6' ? `[${local.address}]` : local.address}:${local.port}`);
   }
   return listener;
 }
 
-/** Local address of a datagram listener, as getsockname reports it (for embedders and tests). */
+/** Local address of a datagram listener, as getsockname reported it (for embedders and tests). */
 export function datagramAddress(listener: DatagramListener): UdpPeer {
-  const out: Record<string, unknown> = {};
-  listener.handle.getsockname(out);
-  return out as unknown as UdpPeer;
+  return listener.local;
 }
 
 /** A datagram from a client (`handle` is the listening socket). */
@@ -266,7 +324,7 @@ function onClientMessage(nread: number, handle: UdpHandle, buf?: Buffer, rinfo?:
   }
   let flow = listener.flows.get(rinfo.address)?.get(rinfo.port);
   if (flow === undefined) {
-    const opened = openFlow(listener, rinfo.address, rinfo.port);
+    const opened = openFlow(listener, rinfo.address, rinfo.port, null);
     if (opened === null) return;
     flow = opened;
   }
@@ -279,7 +337,43 @@ function onClientMessage(nread: number, handle: UdpHandle, buf?: Buffer, rinfo?:
   sendToTarget(flow, flow.handle, buf);
 }
 
-function sendToTarget(flow: Flow, handle: FlowHandle, buf: Buffer): void {
+/**
+ * Native path: a datagram from an address with no flow in the addon (`this` is the
+ * listener). A new client opens one here; a flow still resolving its target keeps the
+ * first datagram only, as on Node's path.
+ */
+function onNativeMiss(this: DatagramListener, address: string, port: number, sockaddr: Uint8Array, datagram: Uint8Array): void {
+  let flow = this.flows.get(address)?.get(port);
+  if (flow === undefined) {
+    const opened = openFlow(this, address, port, sockaddr);
+    if (opened === null) return;
+    flow = opened;
+  }
+  flow.lastActive = now;
+  if (flow.id === 0) {
+    if (flow.early === null) flow.early = datagram;
+    return;
+  }
+  nativeSend(flow, datagram);
+}
+
+/** Native path: the addon ended a flow on an error (`err`, a negative errno; ECONNREFUSED after ICMP). */
+function onNativeEnd(this: DatagramListener, id: number, err: number): void {
+  const flow = this.byId.get(id);
+  if (flow === undefined) return;
+  this.byId.delete(id);
+  flow.id = 0; // the addon closed it already
+  endFlow(flow, err);
+}
+
+/** Native path: a flow's first datagram (later ones never come through here). */
+function nativeSend(flow: Flow, datagram: Uint8Array): void {
+  const listener = flow.listener;
+  const r = (udpNative() as UdpFlowsAddon).send(listener.native as NativeListener, flow.id, datagram);
+  if (r < 0) endFlow(flow, r);
+}
+
+function sendToTarget(flow: Flow, handle: FlowHandle, buf: Uint8Array): void {
   if (flow.sending) return; // the socket buffer is full: drop, as the network would
   const req = sendReq as FlowSendReq;
   LIST[0] = buf;
@@ -308,9 +402,8 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
   const listener = flow.listener;
   const req = sendReq as FlowSendReq;
   LIST[0] = buf;
-  const r = listener.ipv6
-    ? listener.handle.send6(req, LIST, 1, flow.port, flow.address, true)
-    : listener.handle.send(req, LIST, 1, flow.port, flow.address, true);
+  const h = listener.handle as ListenHandle;
+  const r = listener.ipv6 ? h.send6(req, LIST, 1, flow.port, flow.address, true) : h.send(req, LIST, 1, flow.port, flow.address, true);
   LIST[0] = EMPTY;
   if (r >= 0) listener.route.stats.bytesToClient += buf.length;
   if (r > 0) return;
@@ -329,7 +422,7 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
  * until it completes, the flow drops that direction's datagrams until then, and the next
  * send gets a fresh request.
  */
-function sendQueued(req: FlowSendReq, flow: Flow, buf: Buffer, toClient: boolean): void {
+function sendQueued(req: FlowSendReq, flow: Flow, buf: Uint8Array, toClient: boolean): void {
   req.buffer = buf;
   req.flow = flow;
   req.toClient = toClient;
@@ -354,7 +447,7 @@ function clientName(flow: Flow): string {
   return formatPeer(flow.address, flow.port);
 }
 
-function openFlow(listener: DatagramListener, address: string, port: number): Flow | null {
+function openFlow(listener: DatagramListener, address: string, port: number, sockaddr: Uint8Array | null): Flow | null {
   const proxy = listener.proxy;
   const state = stateOf(proxy);
   if (proxy.closed) return null;
@@ -373,6 +466,8 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
     address,
     port,
     handle: null,
+    id: 0,
+    sockaddr,
     lastActive: now,
     early: null,
     sending: false,
@@ -402,6 +497,7 @@ function openFlow(listener: DatagramListener, address: string, port: number): Fl
     }
   } else if (target.kind === 'name') {
     if (logger.maxLevel >= LOG_DEBUG) route.log(LOG_DEBUG, `Looking up address info for ${target.host}:${target.port}`);
+    if (listener.native !== null) listener.resolving.add(flow);
     (proxy.options.lookup ?? lookup)(target.host, LOOKUP_OPTIONS, (err, addresses) => resolvedFlow(flow, err, addresses));
   }
   return flow;
@@ -412,6 +508,7 @@ const LOOKUP_OPTIONS = { all: true, order: 'verbatim' } as const;
 /** A host-name target resolved: take the first address a socket can be connected to, in order. */
 function resolvedFlow(flow: Flow, err: NodeJS.ErrnoException | null, addresses: LookupAddress[]): void {
   if (flow.closed) return;
+  flow.listener.resolving.delete(flow);
   if (err !== null || addresses.length === 0) {
     flow.listener.route.log(LOG_WARNING, `Failed to resolve host: ${strerror(err ?? { code: 'ENOTFOUND' })}`);
     endFlow(flow, 0);
@@ -429,11 +526,21 @@ function resolvedFlow(flow: Flow, err: NodeJS.ErrnoException | null, addresses: 
   }
   const early = flow.early;
   flow.early = null;
-  if (early !== null) sendToTarget(flow, flow.handle as FlowHandle, early);
+  if (early === null) return;
+  if (flow.id !== 0) nativeSend(flow, early);
+  else sendToTarget(flow, flow.handle as FlowHandle, early);
 }
 
 /** Make the flow's socket and connect it; 0 or a negative errno (e.g. ENETUNREACH, EMFILE). */
 function connectFlow(flow: Flow, host: string, port: number, family: 4 | 6): number {
+  const listener = flow.listener;
+  if (listener.native !== null) {
+    const id = (udpNative() as UdpFlowsAddon).open(listener.native, flow.sockaddr as Uint8Array, host, port, family === 6, now);
+    if (id < 0) return id;
+    flow.id = id;
+    listener.byId.set(id, flow);
+    return 0;
+  }
   const handle = new uv.UDP() as FlowHandle;
   handle[kFlow] = flow;
   handle.onmessage = onTargetMessage;
@@ -461,6 +568,12 @@ function endFlow(flow: Flow, err: number): void {
     if (byPort.size === 0) listener.flows.delete(flow.address);
   }
   if (flow.handle !== null) flow.handle.close();
+  if (flow.id !== 0) {
+    listener.byId.delete(flow.id);
+    (udpNative() as UdpFlowsAddon).close(listener.native as NativeListener, flow.id);
+    flow.id = 0;
+  }
+  listener.resolving.delete(flow);
   listener.open--;
   proxy.flows--;
   if (err !== 0) {
@@ -525,6 +638,18 @@ function sweep(state: DatagramState): void {
   // allow one more period so that a flow never ends before the full span.
   const limit = (state.idleMs as number) + state.sweepMs;
   for (const listener of state.listeners) {
+    if (listener.native !== null) {
+      // The addon stamps its flows with this clock from now on, and ends the idle ones.
+      for (const id of (udpNative() as UdpFlowsAddon).sweep(listener.native, now, limit)) {
+        const flow = listener.byId.get(id);
+        if (flow === undefined) continue;
+        listener.byId.delete(id);
+        flow.id = 0;
+        endFlow(flow, 0);
+      }
+      for (const flow of listener.resolving) if (now - flow.lastActive >= limit) endFlow(flow, 0);
+      continue;
+    }
     for (const byPort of listener.flows.values()) {
       for (const flow of byPort.values()) {
         if (now - flow.lastActive >= limit) endFlow(flow, 0);
@@ -541,18 +666,38 @@ function sweep(state: DatagramState): void {
 function stopDatagrams(this: Proxy): void {
   const state = states.get(this);
   if (state === undefined) return;
-  for (const listener of state.listeners) listener.handle.recvStop();
+  for (const listener of state.listeners) {
+    if (listener.native !== null) (udpNative() as UdpFlowsAddon).stop(listener.native);
+    else listener.handle?.recvStop();
+  }
+}
+
+/**
+ * Native path: add the addon's byte counters to the routes' (STATUS=, SIGUSR1, a scrape,
+ * the statistics at exit): read when somebody asks, never per datagram.
+ */
+function collectDatagramStats(this: Proxy): void {
+  const state = states.get(this);
+  if (state === undefined) return;
+  for (const listener of state.listeners) {
+    if (listener.native === null) continue;
+    const [toBackend, toClient] = (udpNative() as UdpFlowsAddon).stats(listener.native);
+    listener.route.stats.bytesToBackend += toBackend;
+    listener.route.stats.bytesToClient += toClient;
+  }
 }
 
 /** Shutdown (closeProxy): close the datagram sockets and every flow. */
 function closeDatagrams(this: Proxy): void {
   const state = states.get(this);
   if (state === undefined) return;
+  collectDatagramStats.call(this);
   for (const listener of state.listeners) {
-    listener.handle.close();
+    listener.handle?.close();
     for (const byPort of listener.flows.values()) {
       for (const flow of byPort.values()) endFlow(flow, 0);
     }
+    if (listener.native !== null) (udpNative() as UdpFlowsAddon).closeListener(listener.native);
   }
   state.listeners.length = 0;
   if (state.sweepTimer !== null) clearInterval(state.sweepTimer);

@@ -99,6 +99,8 @@ export interface Proxy {
   closeDatagrams: ((this: Proxy) => void) | null;
   /** Stops reading the datagram sockets (a drain: new datagrams wait in the kernel for the next start). */
   stopDatagrams: ((this: Proxy) => void) | null;
+  /** Adds the counters the native datagram path keeps to the routes' stats; called before they are read. */
+  collectDatagramStats: ((this: Proxy) => void) | null;
   idleTimer: NodeJS.Timeout | null;
   /** When the idle period ends, in ms of performance.now(), for timers longer than setTimeout allows. */
   idleDeadline: number;
@@ -161,6 +163,7 @@ export function createProxy(options: ProxyOptions): Proxy {
     flows: 0,
     closeDatagrams: null,
     stopDatagrams: null,
+    collectDatagramStats: null,
     idleTimer: null,
     idleDeadline: 0,
     closed: false,
@@ -239,6 +242,7 @@ export function routeFor(proxy: Proxy, name: string | null | undefined): Route {
  * flows), summed into a fresh object only when somebody asks (STATUS=, SIGUSR1, a scrape).
  */
 export function totalStats(proxy: Proxy): Stats {
+  proxy.collectDatagramStats?.();
   const total = { ...proxy.stats };
   for (const r of proxy.routes) {
     total.accepted += r.stats.accepted;

@@ -86,6 +86,8 @@ export interface UdpHandle {
    * (ECONNREFUSED after an ICMP port unreachable on a connected socket) and no buffer.
    */
   onmessage: (this: UdpHandle, nread: number, handle: UdpHandle, buf?: Buffer, rinfo?: UdpPeer) => void;
+  /** The socket's fd (-1 before one is open), for the native data path to take a copy of. */
+  readonly fd: number;
   open(fd: number): number;
   bind(address: string, port: number, flags: number): number;
   bind6(address: string, port: number, flags: number): number;
