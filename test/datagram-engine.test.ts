@@ -11,6 +11,10 @@ import { parseAddress } from '../src/config/address.ts';
 import { datagramAddress, listenDatagramOnAddress } from '../src/engine/datagram.ts';
 import type { Logger } from '../src/system/log.ts';
 import { closeProxy, createProxy, type LookupFunction } from '../src/engine/proxy.ts';
+import { udpNative } from '../src/engine/udp-native.ts';
+
+/** The path under test: the native addon, unless SOCKET_PROXYD_NATIVE_UDP=0 (test/datagram-node-path.test.ts). */
+const NATIVE = process.env['SOCKET_PROXYD_NATIVE_UDP'] !== '0';
 
 function memoryLogger(): Logger & { lines: string[] } {
   const lines: string[] = [];
@@ -61,6 +65,8 @@ test('without --idle-timeout a flow ends after 60 s without a datagram, not befo
     };
     await ask('open');
     assert.equal(proxy.flows, 1);
+    assert.equal(listener.native !== null, NATIVE, 'served by the path under test');
+    assert.equal(udpNative() !== null, NATIVE);
     advance(59_000);
     assert.equal(proxy.flows, 1, 'open after 59 s');
     // Traffic restarts the span.

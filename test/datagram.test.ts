@@ -2,13 +2,16 @@
  * UDP forwarding (issue 14): ListenDatagram= sockets passed in, --listen-datagram=,
  * one flow per client address. Real dnsmasq + dig behind the proxy, and a UDP echo
  * backend for sizes, isolation between clients, expiry, ICMP errors and the cap.
+ *
+ * These run on the native data path (native/udp_flows.c), and again on Node's UDP
+ * handles, the fallback, from test/datagram-node-path.test.ts (SOCKET_PROXYD_NATIVE_UDP=0).
  */
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { get as httpGet } from 'node:http';
 import { createConnection, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -99,6 +102,14 @@ async function startWithFds(args: string[], socks: (UdpSocket | Socket | { fd: n
 }
 
 const DEBUG = { SYSTEMD_LOG_LEVEL: 'debug' };
+/** Which data path these runs test: the addon, unless SOCKET_PROXYD_NATIVE_UDP=0 (passed on to the proxies by helpers.ts). */
+const NATIVE = process.env.SOCKET_PROXYD_NATIVE_UDP !== '0';
+
+/** The proxy forwards on the path this run is about: the addon is mapped, or not. */
+function assertPath(p: Proxy): void {
+  const mapped = readFileSync(`/proc/${p.pid}/maps`, 'utf8').includes('/udp_flows.node');
+  assert.equal(mapped, NATIVE, NATIVE ? 'the native UDP addon serves' : "Node's UDP handles serve (no addon loaded)");
+}
 
 /** Started with DEBUG: wait until every datagram socket is served (then fd counts mean something). */
 async function ready(p: Proxy, sockets = 1): Promise<void> {
@@ -130,6 +141,7 @@ describe('UDP: datagrams forwarded, one flow per client', () => {
         // The reply comes from the address the client sent to.
         assert.equal(c.got.at(-1)?.port, port);
       }
+      assertPath(p);
       assert.equal(p.stderr(), '');
     } finally {
       c.sock.close();
@@ -158,6 +170,7 @@ describe('UDP: datagrams forwarded, one flow per client', () => {
       assert.deepEqual([c4.got[0]?.address, c4.got[0]?.port], ['127.0.0.1', ports[1]]);
       // Logged as the IPv4 client it is, not as ::ffff:127.0.0.1.
       assert.match(p.stderr(), new RegExp(`New flow from 127\\.0\\.0\\.1:${c4.sock.address().port}\\n`));
+      assertPath(p);
     } finally {
       c6.sock.close();
       c4.sock.close();
@@ -231,6 +244,7 @@ describe('UDP: datagrams forwarded, one flow per client', () => {
       }
       // All 1,000 flows are open at once (one socket each), and nothing crossed over.
       assert.ok((await settledFdCount(p.pid)) >= base + 1000, 'one socket per flow');
+      assertPath(p);
       clients.forEach((c, i) => {
         for (const g of c.got) {
           assert.match(g.data.toString(), new RegExp(`^client ${i} round [01]$`));

@@ -101,6 +101,8 @@ export async function startProxy(options: StartOptions): Promise<Proxy> {
   const fds = [...listeners.map((l) => fdOf(l.server)), ...(options.fds ?? [])];
   const env: Record<string, string> = {
     PATH: process.env.PATH ?? '/usr/bin:/bin',
+    // Which UDP data path (test/datagram-node-path.test.ts runs the UDP tests on Node's).
+    ...(process.env.SOCKET_PROXYD_NATIVE_UDP === undefined ? {} : { SOCKET_PROXYD_NATIVE_UDP: process.env.SOCKET_PROXYD_NATIVE_UDP }),
     ...options.env,
   };
   if (fds.length > 0 || options.listenFds !== undefined) env.LISTEN_FDS = options.listenFds ?? String(fds.length);
