@@ -4,7 +4,11 @@
 // the same UDP echo backend. `direct` (no proxy) is the baseline of what the machine can do. The
 // reference refuses datagram sockets ("Passed in socket is not a stream socket."), so it has no row.
 //
-//   node bench/udp.ts [--runs N] [--seconds S] [--idle-flows N] [--no-write]   (npm run build first)
+//   node bench/udp.ts [--runs N] [--seconds S] [--idle-flows N] [--node-path] [--no-write]   (npm run build first)
+//
+// Ours forwards established flows with its native addon (native/udp_flows.c). --node-path adds a
+// column `ours-node`: ours with SOCKET_PROXYD_NATIVE_UDP=0, Node's UDP handles (the fallback where
+// the addon does not load), so that what the addon buys is measured in the same run.
 //
 // The load side is bench/udptool.c (compiled here with cc into bench/out/), so that it stays cheap
 // on the 2 shared cores: FLOWS connected client sockets, each a closed loop of one 64-byte datagram
@@ -32,6 +36,7 @@ const opt = (name: string, dflt: number): number => {
 const RUNS = opt('--runs', 3);
 const SECONDS = opt('--seconds', 2);
 const IDLE_FLOWS = opt('--idle-flows', 10_000);
+const NODE_PATH = args.includes('--node-path');
 /** socat forks a process per flow: 10,000 processes would be measuring fork, not forwarding. */
 const SOCAT_IDLE_FLOWS = Math.min(IDLE_FLOWS, 1000);
 const SIZE = 64;
@@ -51,7 +56,7 @@ if (!existsSync(TOOL) || statSync(TOOL).mtimeMs < statSync(TOOL_SRC).mtimeMs) {
   execFileSync('cc', ['-O2', '-Wall', '-o', TOOL, TOOL_SRC], { stdio: 'inherit' });
 }
 
-type Name = 'ours' | 'nginx-stream' | 'socat' | 'direct';
+type Name = 'ours' | 'ours-node' | 'nginx-stream' | 'socat' | 'direct';
 interface Running {
   name: Name;
   port: number;
@@ -71,17 +76,17 @@ function udpFd(s: UdpSocket): number {
   return state.handle.fd;
 }
 
-async function startOurs(echoPort: number): Promise<Running> {
+async function startOurs(echoPort: number, nodePath = false): Promise<Running> {
   const sock = createSocket('udp4');
   await new Promise<void>((resolve) => sock.bind(0, '127.0.0.1', resolve));
   const port = sock.address().port;
   const fd = udpFd(sock);
   const proc = start('/bin/sh', ['-c', ACTIVATE_SCRIPT, 'sh', process.execPath, OURS_CLI, '-c', '100000', `127.0.0.1:${echoPort}`], {
     stdio: ['ignore', 'pipe', 'pipe', fd],
-    env: { ...process.env, LISTEN_FDS: '1' },
+    env: { ...process.env, LISTEN_FDS: '1', ...(nodePath ? { SOCKET_PROXYD_NATIVE_UDP: '0' } : {}) },
   });
   sock.close();
-  return { name: 'ours', port, pid: proc.pid, tree: false, proc };
+  return { name: nodePath ? 'ours-node' : 'ours', port, pid: proc.pid, tree: false, proc };
 }
 
 async function startNginx(echoPort: number, dir: string): Promise<Running> {
@@ -175,7 +180,7 @@ const have = {
   nginx: which('nginx') !== null && existsSync(NGINX_STREAM_MODULE),
   socat: which('socat') !== null,
 };
-const names: Name[] = ['ours', ...(have.nginx ? (['nginx-stream'] as const) : []), ...(have.socat ? (['socat'] as const) : []), 'direct'];
+const names: Name[] = ['ours', ...(NODE_PATH ? (['ours-node'] as const) : []), ...(have.nginx ? (['nginx-stream'] as const) : []), ...(have.socat ? (['socat'] as const) : []), 'direct'];
 
 const dir = mkdtempSync(path.join(tmpdir(), 'spd-bench-udp-'));
 const echo = start(TOOL, ['echo'], { stdio: ['pipe', 'pipe', 'pipe'] });
@@ -187,6 +192,8 @@ const startOne = async (name: Name): Promise<Running> => {
   switch (name) {
     case 'ours':
       return startOurs(echoPort);
+    case 'ours-node':
+      return startOurs(echoPort, true);
     case 'nginx-stream':
       return startNginx(echoPort, dir);
     case 'socat':
@@ -241,7 +248,7 @@ const cell = (n: Name, flows: number, pick: (r: LoadResult) => number, digits: n
 };
 const med = (n: Name, flows: number, pick: (r: LoadResult) => number): number => median((results.get(`${n}/${flows}`) ?? []).map(pick));
 const sum = (n: Name, flows: number, pick: (r: LoadResult) => number): number => (results.get(`${n}/${flows}`) ?? []).reduce((a, r) => a + pick(r), 0);
-const proxies = names.filter((n) => n !== 'direct');
+const proxies = names.filter((n) => n !== 'direct' && n !== 'ours-node');
 const header = `| | ${names.join(' | ')} | ours/nginx |`;
 const sep = `| --- | ${names.map(() => '---:').join(' | ')} | ---: |`;
 const ratio = (flows: number, pick: (r: LoadResult) => number): string => {
@@ -271,9 +278,11 @@ const when = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
 const lines = [
   '### 10. UDP: round trips through the proxy to a UDP echo (issue 14)',
   '',
-  `Measured ${when} by \`node bench/udp.ts --runs ${RUNS} --seconds ${SECONDS} --idle-flows ${IDLE_FLOWS}\` (${os.availableParallelism()} cores, ${os.release()}). ` +
+  `Measured ${when} by \`node bench/udp.ts --runs ${RUNS} --seconds ${SECONDS} --idle-flows ${IDLE_FLOWS}${NODE_PATH ? ' --node-path' : ''}\` (${os.availableParallelism()} cores, ${os.release()}). ` +
     `bench/udptool.c: 1 or 64 client sockets (one flow each), each a closed loop of one ${SIZE}-byte datagram and its echo, ${SECONDS} s per measurement, ${RUNS} runs (the order of the proxies rotates); cells are medians. ` +
-    `Ours by socket activation with a UDP socket as fd 3 (\`-c 100000\`, default 60 s flow idle timeout); nginx ${'`'}stream { listen ... udp; proxy_timeout 600s; }${'`'}, 1 worker, master_process off; ` +
+    `Ours by socket activation with a UDP socket as fd 3 (\`-c 100000\`, default 60 s flow idle timeout), established flows forwarded by its native addon (native/udp_flows.c)` +
+    (NODE_PATH ? '; ours-node is the same with `SOCKET_PROXYD_NATIVE_UDP=0`: Node\'s UDP handles, the fallback where the addon does not load' : '') +
+    `; nginx ${'`'}stream { listen ... udp; proxy_timeout 600s; }${'`'}, 1 worker, master_process off; ` +
     `socat \`UDP4-LISTEN:PORT,fork,reuseaddr UDP4:TARGET\` (a process per client address, measured as the whole tree). systemd-socket-proxyd refuses datagram sockets, so it has no column. ` +
     `Idle: ${IDLE_FLOWS.toLocaleString('en-US')} flows opened (one datagram each, echoed) and held, RSS 1 s later minus RSS after one flow, per flow${have.socat ? `; socat with ${SOCAT_IDLE_FLOWS.toLocaleString('en-US')} (a process each)` : ''}. ` +
     'Target (issue 14): round trips/s ahead of nginx.',
