@@ -109,9 +109,15 @@ struct state {
   uv_loop_t *loop;
   listener_t *listeners;
   unsigned char *pool; /* VLEN * SLOT bytes, allocated on the first listen() */
-  struct mmsghdr msgs[VLEN];
-  struct iovec iov[VLEN];
+  /*
+   * Two sets of headers over the same buffers, set up once (prepare_all): one to read
+   * client datagrams with their addresses, one to read a flow's and send them on. A
+   * call restores only the entries the previous one changed.
+   */
+  struct mmsghdr lmsgs[VLEN], fmsgs[VLEN];
+  struct iovec liov[VLEN], fiov[VLEN];
   struct sockaddr_in6 names[VLEN];
+  int ldirty; /* lmsgs[0..ldirty) have a msg_namelen the kernel wrote */
   flow_t **slots; /* flow id - 1 -> flow */
   uint32_t nslots, cap_slots;
   uint32_t *free_ids;
@@ -316,19 +322,21 @@ static void miss(listener_t *l, const struct sockaddr_in6 *name, socklen_t namel
 
 static int dropped(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS || e == EINTR; }
 
-static void prepare(state_t *st, int n, int names) {
-  for (int i = 0; i < n; i++) {
-    st->iov[i].iov_base = st->pool + (size_t)i * SLOT;
-    st->iov[i].iov_len = SLOT;
-    struct msghdr *m = &st->msgs[i].msg_hdr;
-    m->msg_name = names ? &st->names[i] : NULL;
-    m->msg_namelen = names ? sizeof(st->names[i]) : 0;
-    m->msg_iov = &st->iov[i];
-    m->msg_iovlen = 1;
-    m->msg_control = NULL;
-    m->msg_controllen = 0;
-    m->msg_flags = 0;
+static void prepare_all(state_t *st) {
+  for (int i = 0; i < VLEN; i++) {
+    unsigned char *buf = st->pool + (size_t)i * SLOT;
+    st->liov[i] = (struct iovec){.iov_base = buf, .iov_len = SLOT};
+    st->fiov[i] = (struct iovec){.iov_base = buf, .iov_len = SLOT};
+    memset(&st->lmsgs[i], 0, sizeof(st->lmsgs[i]));
+    memset(&st->fmsgs[i], 0, sizeof(st->fmsgs[i]));
+    st->lmsgs[i].msg_hdr.msg_name = &st->names[i];
+    st->lmsgs[i].msg_hdr.msg_namelen = sizeof(st->names[i]);
+    st->lmsgs[i].msg_hdr.msg_iov = &st->liov[i];
+    st->lmsgs[i].msg_hdr.msg_iovlen = 1;
+    st->fmsgs[i].msg_hdr.msg_iov = &st->fiov[i];
+    st->fmsgs[i].msg_hdr.msg_iovlen = 1;
   }
+  st->ldirty = 0;
 }
 
 /* The listening socket is readable: datagrams from clients. */
@@ -345,13 +353,14 @@ static void on_listener(uv_poll_t *h, int status, int events) {
     return;
   }
   for (int b = 0; b < MAX_BATCHES && l->reading && !l->closing; b++) {
-    prepare(st, VLEN, 1);
-    int n = recvmmsg(l->fd, st->msgs, VLEN, MSG_DONTWAIT, NULL);
+    for (int i = 0; i < st->ldirty; i++) st->lmsgs[i].msg_hdr.msg_namelen = sizeof(st->names[i]);
+    int n = recvmmsg(l->fd, st->lmsgs, VLEN, MSG_DONTWAIT, NULL);
     if (n <= 0) break;
+    st->ldirty = n;
     for (int i = 0; i < n && !l->closing; i++) {
-      struct msghdr *m = &st->msgs[i].msg_hdr;
-      size_t len = st->msgs[i].msg_len;
-      const unsigned char *data = st->iov[i].iov_base;
+      struct msghdr *m = &st->lmsgs[i].msg_hdr;
+      size_t len = st->lmsgs[i].msg_len;
+      const unsigned char *data = st->liov[i].iov_base;
       if (m->msg_flags & MSG_TRUNC) continue; /* larger than any UDP payload: cannot be forwarded whole */
       flow_key k;
       make_key((const struct sockaddr *)&st->names[i], &k);
@@ -393,8 +402,7 @@ static void on_flow(uv_poll_t *h, int status, int events) {
     return;
   }
   for (int b = 0; b < MAX_BATCHES; b++) {
-    prepare(st, VLEN, 0);
-    int n = recvmmsg(f->fd, st->msgs, VLEN, MSG_DONTWAIT, NULL);
+    int n = recvmmsg(f->fd, st->fmsgs, VLEN, MSG_DONTWAIT, NULL);
     if (n < 0) {
       if (!dropped(errno)) end_flow(f, errno, 1);
       return;
@@ -403,14 +411,14 @@ static void on_flow(uv_poll_t *h, int status, int events) {
     f->last = l->stamp;
     /* Every reply goes to the one client, from the listening socket (the address it sent to). */
     for (int i = 0; i < n; i++) {
-      struct msghdr *m = &st->msgs[i].msg_hdr;
-      st->iov[i].iov_len = st->msgs[i].msg_len;
+      struct msghdr *m = &st->fmsgs[i].msg_hdr;
+      st->fiov[i].iov_len = st->fmsgs[i].msg_len;
       m->msg_name = &f->client;
       m->msg_namelen = f->clen;
     }
     int sent = 0;
     while (sent < n) {
-      int r = sendmmsg(l->fd, st->msgs + sent, (unsigned)(n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
+      int r = sendmmsg(l->fd, st->fmsgs + sent, (unsigned)(n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
       if (r <= 0) {
         /* A full buffer drops the rest, as UDP does; an address the client's side refuses (EPERM, EACCES)
          * drops this one and tries the next (the flow itself is fine). */
@@ -420,9 +428,15 @@ static void on_flow(uv_poll_t *h, int status, int events) {
         }
         break;
       }
-      for (int i = sent; i < sent + r; i++) l->bytes_back += st->msgs[i].msg_len;
+      for (int i = sent; i < sent + r; i++) l->bytes_back += st->fmsgs[i].msg_len;
       l->dgrams_back += (uint64_t)r;
       sent += r;
+    }
+    /* Back to reading: no address, whole buffers. */
+    for (int i = 0; i < n; i++) {
+      st->fmsgs[i].msg_hdr.msg_name = NULL;
+      st->fmsgs[i].msg_hdr.msg_namelen = 0;
+      st->fiov[i].iov_len = SLOT;
     }
     if (n < VLEN) return;
   }
@@ -559,6 +573,7 @@ static napi_value Listen(napi_env env, napi_callback_info info) {
   if (st->pool == NULL) {
     st->pool = malloc((size_t)VLEN * SLOT);
     if (st->pool == NULL) return int_value(env, -ENOMEM);
+    prepare_all(st);
   }
   listener_t *l = calloc(1, sizeof(*l));
   if (l == NULL) return int_value(env, -ENOMEM);

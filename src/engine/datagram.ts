@@ -101,8 +101,8 @@ interface Flow {
   handle: FlowHandle | null;
   /** Native path: the addon's id for the flow (> 0) once its socket is connected, else 0. */
   id: number;
-  /** Native path: the client's address as the addon gave it (a sockaddr), to open the flow with. */
-  readonly sockaddr: Uint8Array | null;
+  /** Native path: the client's address as the addon gave it (a sockaddr), until the flow is opened with it. */
+  sockaddr: Uint8Array | null;
   /** The sweep clock (ms) when a datagram last passed, either way. */
   lastActive: number;
   /** While resolving: the first datagram, sent once connected (later ones are dropped). */
@@ -538,6 +538,7 @@ function connectFlow(flow: Flow, host: string, port: number, family: 4 | 6): num
     const id = (udpNative() as UdpFlowsAddon).open(listener.native, flow.sockaddr as Uint8Array, host, port, family === 6, now);
     if (id < 0) return id;
     flow.id = id;
+    flow.sockaddr = null; // the addon has its copy
     listener.byId.set(id, flow);
     return 0;
   }
