@@ -2,20 +2,22 @@
 # Build the N-API addons in native/ into stripped shared objects, offline:
 #   sd_notify.c  -> sd_notify.node   sd_notify(3) (src/system/notify.ts)
 #   udp_flows.c  -> udp_flows.node   the UDP flows' data path (src/engine/datagram.ts)
-# Two files, not one: each is loaded only when needed (NOTIFY_SOCKET set; a datagram
-# socket served), and the notify one stays a stateless few lines that cannot be
-# broken by the other.
+#   proxy_header.c -> proxy_header.node  the PROXY protocol header (src/engine/proxy-protocol.ts)
+# Separate files, not one: each is loaded only when needed (NOTIFY_SOCKET set; a datagram
+# socket served; --proxy-protocol= given), and the notify one stays a stateless few lines
+# that cannot be broken by the others.
 #
 #   native/build.sh [--arch=ARCH] [OUTPUT]
 #       ARCH     the target: this machine's (default) or arm64 (cross-compiled)
-#       OUTPUT   a directory: both addons in it (default: prebuilds/linux-<ARCH>/);
+#       OUTPUT   a directory: every addon in it (default: prebuilds/linux-<ARCH>/);
 #                a file NAME.node: only native/NAME.c, into that file
 #
 # The committed prebuilds are made on Debian 12 with
 #   native/build.sh                 (gcc, linux-x64)
 #   native/build.sh --arch=arm64    (aarch64-linux-gnu-gcc from gcc-aarch64-linux-gnu)
 # and are reproducible: the same compiler gives the same bytes, whatever the
-# checkout's path (test/notify*.test.ts compare them with fresh builds).
+# checkout's path (test/notify*.test.ts, test/udp-native.test.ts and
+# test/proxy-protocol-native.test.ts compare them with fresh builds).
 #
 # Needs only a C compiler ($CC; default gcc, or aarch64-linux-gnu-gcc when
 # cross-compiling for arm64 from another machine) and Node's N-API headers, which are
@@ -74,7 +76,7 @@ case "$out" in
   *.node) name=$(basename "$out" .node)
           [ -f "$here/$name.c" ] || { echo "build.sh: no native/$name.c for $out" >&2; exit 1; }
           addons=$name ;;
-  *) addons="sd_notify udp_flows" ;;
+  *) addons="sd_notify udp_flows proxy_header" ;;
 esac
 
 has_headers() { [ -n "$1" ] && [ -f "$1/node_api.h" ]; }

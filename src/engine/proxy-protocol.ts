@@ -20,8 +20,17 @@
  *   block: haproxy cannot parse one.
  * No v2 TLVs: no receiver we know needs one.
  *
- * The encoders are pure; headerFor() reads the addresses off the client's handle.
+ * The encoders are pure; headerFor() reads the addresses off the client's handle. It
+ * uses our addon native/proxy_header.c when it loads (loadHeaderAddon(), once per
+ * process): the kernel's sockaddrs go straight into the header, where Node's
+ * getpeername()/getsockname() make strings that encodeV2 parses back (2.7 µs against
+ * 0.6 µs per connection, bench/ANALYSIS.md). The addon applies the same rules, and
+ * test/proxy-protocol-native.test.ts holds the two to the same bytes.
  */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { StreamHandle } from './uv.ts';
 
 /** 0: no header (the default), 1: v1 (text), 2: v2 (binary). */
@@ -216,15 +225,96 @@ const local: SockAddr = { address: '', family: '', port: 0 };
 
 /** A handle that may be a TCP one (a PipeWrap has neither method). */
 interface NamedHandle {
+  fd?: number;
   getpeername?(out: SockAddr): number;
   getsockname?(out: SockAddr): number;
 }
 
+/** native/proxy_header.c: header() writes the header of the connection on `fd` into `scratch`, by the rules above. */
+export interface HeaderAddon {
+  init(scratch: Buffer): void;
+  /** The header's length in the scratch buffer. */
+  header(fd: number, version: 1 | 2): number;
+}
+
+/** Where the addon writes each header (the longest, v1 TCP6, is 104 bytes; the spec allows 107). */
+const scratch = Buffer.allocUnsafeSlow(108);
+
+// undefined: not tried yet; null: tried and failed (a failed dlopen does not heal).
+let addon: HeaderAddon | null | undefined;
+
 /**
- * The header for a connection accepted on `client`. `fallback` is true when it is
- * UNKNOWN / LOCAL (the caller logs that at debug level).
+ * Load the addon for this platform, once; returns why not when it cannot (headerFor
+ * then encodes in TypeScript, with the same result). The prebuilds sit in the package
+ * root, which is one level up from the bundled CLI (dist/main.js) and two from
+ * src/engine/ and dist/engine/: the nearest directory up with package.json.
  */
-export function headerFor(version: 1 | 2, client: StreamHandle): { header: Buffer; fallback: boolean } {
+export function loadHeaderAddon(): string | null {
+  if (addon !== undefined) return addon === null ? 'tried before and failed' : null;
+  addon = null;
+  const rel = join('prebuilds', `${process.platform}-${process.arch}`, 'proxy_header.node');
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let up = 0; up < 3; up++, dir = dirname(dir)) {
+    if (!existsSync(join(dir, 'package.json'))) continue;
+    const file = join(dir, rel);
+    if (!existsSync(file)) return `no ${file}`;
+    try {
+      const loaded = createRequire(import.meta.url)(file) as Partial<HeaderAddon> | null;
+      if (typeof loaded?.header !== 'function' || typeof loaded.init !== 'function') return `${file} does not export init() and header()`;
+      loaded.init(scratch);
+      addon = loaded as HeaderAddon;
+      return null;
+    } catch (err) {
+      return `cannot load ${file}: ${(err instanceof Error ? err.message : String(err)).split('\n')[0]}`;
+    }
+  }
+  return `no package.json above ${fileURLToPath(import.meta.url)}`;
+}
+
+/** Whether `header` (of `version`) is the fallback: UNKNOWN / LOCAL (the caller logs that at debug level). */
+export function isFallback(version: 1 | 2, header: Buffer): boolean {
+  // The fallback headers are exactly 15 (v1 UNKNOWN) and 16 (v2 LOCAL) bytes; no other is.
+  return header.length === (version === 1 ? 15 : 16);
+}
+
+/** header()'s flag: the client's first bytes are waiting (native/proxy_header.c). */
+const HAS_BYTES = 256;
+let bytesWaiting = false;
+
+/**
+ * The header for a connection accepted on `client`. Afterwards clientBytesWaiting()
+ * says whether the client's first bytes were already in its socket.
+ */
+export function headerFor(version: 1 | 2, client: StreamHandle): Buffer {
+  const h = client as unknown as NamedHandle;
+  if (addon != null) {
+    const fd = h.fd;
+    if (typeof fd === 'number' && fd >= 0) {
+      const r = addon.header(fd, version);
+      const n = r & (HAS_BYTES - 1);
+      bytesWaiting = r >= HAS_BYTES;
+      // Its own copy: the header outlives this call (a pending write may hold it).
+      const out = Buffer.allocUnsafe(n);
+      for (let i = 0; i < n; i++) out[i] = scratch[i] as number;
+      return out;
+    }
+  }
+  // Node cannot tell without reading them: as if there were none.
+  bytesWaiting = false;
+  return headerForJs(version, client);
+}
+
+/**
+ * Whether the client of the last headerFor() call had sent bytes that wait in its
+ * socket (always false without the addon): the caller then sends the header with them,
+ * in the same write, when they are read in the next poll phase; otherwise alone at once.
+ */
+export function clientBytesWaiting(): boolean {
+  return bytesWaiting;
+}
+
+/** headerFor() without the addon: Node's getpeername()/getsockname() and the encoders above. */
+export function headerForJs(version: 1 | 2, client: StreamHandle): Buffer {
   const h = client as unknown as NamedHandle;
   let src: SockAddr | null = null;
   let dst: SockAddr | null = null;
@@ -232,7 +322,5 @@ export function headerFor(version: 1 | 2, client: StreamHandle): { header: Buffe
     src = peer;
     dst = local;
   }
-  const header = version === 1 ? encodeV1(src, dst) : encodeV2(src, dst);
-  // The fallback headers are exactly 15 (v1 UNKNOWN) and 16 (v2 LOCAL) bytes; no other is.
-  return { header, fallback: header.length === (version === 1 ? 15 : 16) };
+  return version === 1 ? encodeV1(src, dst) : encodeV2(src, dst);
 }

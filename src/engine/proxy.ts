@@ -19,6 +19,7 @@ import { MSG_NOT_STREAM } from '../system/activation.ts';
 import { EINVAL, ENOTSOCK, ProxyError } from '../errors.ts';
 import { createWaitQueue, establish, released, resolved } from './connect.ts';
 import { destroyConnection, startConnection, type Connection, type StreamHandle } from './forward.ts';
+import { loadHeaderAddon } from './proxy-protocol.ts';
 import { createSweep, startSweep, stopSweep, type Sweep } from './sweep.ts';
 import { LOG_DEBUG, LOG_WARNING, type Logger } from '../system/log.ts';
 import { MAX_KEEPIDLE_SEC } from '../config/args.ts';
@@ -173,6 +174,11 @@ export function createProxy(options: ProxyOptions): Proxy {
   const logger = options.logger;
   const noDelay = options.noDelay ?? true;
   const proxyProtocol = options.proxyProtocol === 'v1' ? 1 : options.proxyProtocol === 'v2' ? 2 : 0;
+  if (proxyProtocol !== 0) {
+    // Without the addon the header is the same, made in TypeScript at ~2 µs more per connection.
+    const why = loadHeaderAddon();
+    if (why !== null) logger.log(LOG_DEBUG, `PROXY protocol headers are encoded without the native addon: ${why}`);
+  }
   const connectTimeoutMs = usecToMs(options.connectTimeoutUsec);
   // No limit: wait as long as the client does (its reset still ends the wait).
   const connectRetryMs = options.connectRetryUsec === null ? Infinity : usecToMs(options.connectRetryUsec);
