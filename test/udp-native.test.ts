@@ -22,7 +22,7 @@ const PREBUILDS = join(ROOT, 'prebuilds', `${process.platform}-${process.arch}`)
 const tmp = tempDir();
 process.on('exit', () => tmp.cleanup());
 
-test('native/build.sh DIR builds both addons; udp_flows.node is byte for byte the committed prebuild', (t) => {
+test('native/build.sh DIR builds every addon, each byte for byte the committed prebuild', (t) => {
   const cc = process.env['CC'] ?? 'gcc';
   const version = spawnSync(cc, ['--version'], { encoding: 'utf8', timeout: 10_000 });
   if (version.status !== 0) {
@@ -33,7 +33,8 @@ test('native/build.sh DIR builds both addons; udp_flows.node is byte for byte th
   const dir = join(tmp.dir, 'out');
   const build = spawnSync(join(ROOT, 'native', 'build.sh'), [dir], { encoding: 'utf8', timeout: 120_000 });
   assert.equal(build.status, 0, `build.sh failed: ${build.stderr}`);
-  assert.deepEqual(readdirSync(dir).sort(), ['sd_notify.node', 'udp_flows.node']);
+  const names = ['proxy_header.node', 'sd_notify.node', 'udp_flows.node'];
+  assert.deepEqual(readdirSync(dir).sort(), names);
   const committed = readFileSync(join(PREBUILDS, 'udp_flows.node'));
   const committedBy = gccIdent(committed.toString('latin1'));
   assert.notEqual(committedBy, null, 'the committed prebuild names the GCC that built it in .comment');
@@ -41,7 +42,7 @@ test('native/build.sh DIR builds both addons; udp_flows.node is byte for byte th
     t.diagnostic(`prebuild made by ${String(committedBy)}, local ${cc} is ${String(gccIdent(version.stdout))}: byte comparison not possible`);
     return;
   }
-  for (const name of ['sd_notify.node', 'udp_flows.node']) {
+  for (const name of names) {
     assert.ok(readFileSync(join(dir, name)).equals(readFileSync(join(PREBUILDS, name))), `${name} differs from a fresh build: run npm run prebuilds and commit`);
   }
 });
