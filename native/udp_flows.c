@@ -320,7 +320,37 @@ static void miss(listener_t *l, const struct sockaddr_in6 *name, socklen_t namel
   napi_close_handle_scope(env, scope);
 }
 
-static int dropped(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS || e == EINTR; }
+/*
+ * Errors that cost one datagram, not the flow: a full buffer (as UDP does), and
+ * EMSGSIZE, a datagram larger than the way to its peer takes (an IPv4 target of a
+ * 65,527-byte IPv6 datagram, or a path MTU learnt from ICMP "fragmentation needed",
+ * which Linux reports once on a connected socket): the next datagram may fit, and
+ * ending the flow would move the client to a new source port (QUIC, WireGuard).
+ */
+static int dropped(int e) { return e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS || e == EINTR || e == EMSGSIZE; }
+
+/* At most this many queued ICMP errors are read per POLLERR callback: bounded work per turn. */
+#define MAX_ERRQUEUE 64
+
+/*
+ * POLLERR: take the socket's pending error (SO_ERROR) and empty its error queue. A
+ * socket with IP_RECVERR / IPV6_RECVERR set (we never set it, but an inherited
+ * socket may have it) queues every ICMP error there, and POLLERR stays raised until
+ * the queue is read: left alone, libuv would call back on every turn and no datagram
+ * would be read. Returns the pending error (0 if none).
+ */
+static int take_error(int fd) {
+  int e = 0;
+  socklen_t n = sizeof(e);
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &n) != 0) e = errno;
+  unsigned char data[64], control[512];
+  for (int i = 0; i < MAX_ERRQUEUE; i++) {
+    struct iovec iov = {.iov_base = data, .iov_len = sizeof(data)};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof(control)};
+    if (recvmsg(fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) break;
+  }
+  return e;
+}
 
 static void prepare_all(state_t *st) {
   for (int i = 0; i < VLEN; i++) {
@@ -345,12 +375,11 @@ static void on_listener(uv_poll_t *h, int status, int events) {
   listener_t *l = h->data;
   state_t *st = l->st;
   if (status < 0) {
-    /* libuv stopped the handle on POLLERR: clear the error and go on (one client's ICMP is no reason to stop). */
-    int e = 0;
-    socklen_t n = sizeof(e);
-    getsockopt(l->fd, SOL_SOCKET, SO_ERROR, &e, &n);
-    if (l->reading && !l->closing) uv_poll_start(&l->poll, UV_READABLE, on_listener);
-    return;
+    /* libuv stopped the handle on POLLERR: clear the error and go on reading (one
+     * client's ICMP is no reason to stop, nor to skip the datagrams waiting). */
+    take_error(l->fd);
+    if (!l->reading || l->closing) return;
+    uv_poll_start(&l->poll, UV_READABLE, on_listener);
   }
   for (int b = 0; b < MAX_BATCHES && l->reading && !l->closing; b++) {
     for (int i = 0; i < st->ldirty; i++) st->lmsgs[i].msg_hdr.msg_namelen = sizeof(st->names[i]);
@@ -390,16 +419,14 @@ static void on_flow(uv_poll_t *h, int status, int events) {
   if (l == NULL) return;
   state_t *st = l->st;
   if (status < 0) {
-    /* POLLERR: the socket's pending error, e.g. ECONNREFUSED after ICMP port unreachable. */
-    int e = 0;
-    socklen_t n = sizeof(e);
-    if (getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &e, &n) != 0) e = errno;
-    if (e == 0) {
-      uv_poll_start(&f->poll, UV_READABLE, on_flow);
+    /* POLLERR: the socket's pending error, e.g. ECONNREFUSED after ICMP port
+     * unreachable, which ends the flow; a lost datagram's error (EMSGSIZE) does not. */
+    int e = take_error(f->fd);
+    if (e != 0 && !dropped(e)) {
+      end_flow(f, e, 1);
       return;
     }
-    end_flow(f, e, 1);
-    return;
+    uv_poll_start(&f->poll, UV_READABLE, on_flow);
   }
   for (int b = 0; b < MAX_BATCHES; b++) {
     int n = recvmmsg(f->fd, st->fmsgs, VLEN, MSG_DONTWAIT, NULL);
@@ -420,9 +447,11 @@ static void on_flow(uv_poll_t *h, int status, int events) {
     while (sent < n) {
       int r = sendmmsg(l->fd, st->fmsgs + sent, (unsigned)(n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
       if (r <= 0) {
-        /* A full buffer drops the rest, as UDP does; an address the client's side refuses (EPERM, EACCES)
-         * drops this one and tries the next (the flow itself is fine). */
-        if (r < 0 && !dropped(errno)) {
+        /* A full buffer drops the rest, as UDP does; a datagram too big for the way back
+         * (EMSGSIZE), or an address the client's side refuses (EPERM, EACCES), drops this
+         * one and tries the next (the flow itself is fine). */
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS) {
           sent++;
           continue;
         }

@@ -385,6 +385,10 @@ function sendToTarget(flow: Flow, handle: FlowHandle, buf: Uint8Array): void {
     sendQueued(req, flow, buf, false);
     return;
   }
+  // Too big for the way to the target (an IPv6 client's 65,527 bytes to an IPv4 target,
+  // or a path MTU learnt from ICMP): this datagram is lost, the flow goes on (a new one
+  // would give the client a new source port at the target).
+  if (r === EMSGSIZE_UV) return;
   // ECONNREFUSED here is the ICMP error of an earlier datagram, reported on this send.
   endFlow(flow, r);
 }
@@ -394,7 +398,9 @@ function onTargetMessage(nread: number, handle: UdpHandle, buf?: Buffer): void {
   const flow = (handle as FlowHandle)[kFlow];
   if (flow.closed) return;
   if (nread < 0 || buf === undefined) {
-    endFlow(flow, nread);
+    // EMSGSIZE: Linux reports a path MTU learnt from ICMP once, on the next receive; the
+    // datagram it was about is lost, the flow is fine.
+    if (nread !== EMSGSIZE_UV) endFlow(flow, nread);
     return;
   }
   flow.lastActive = now;
@@ -596,8 +602,9 @@ function endFlow(flow: Flow, err: number): void {
   if (proxy.flows === 0 && proxy.connections.size === 0) armIdleTimer(proxy);
 }
 
-/** libuv's UV_ECONNREFUSED on Linux. */
+/** libuv's UV_ECONNREFUSED and UV_EMSGSIZE on Linux. */
 const ECONNREFUSED_UV = -111;
+const EMSGSIZE_UV = -90;
 
 /**
  * One rate limit for the whole process (a flood on any socket must not flood the
