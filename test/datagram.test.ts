@@ -341,13 +341,7 @@ describe('UDP: datagrams forwarded, one flow per client', () => {
     }
   });
 
-  test('an inherited socket with IP_RECVERR: an ICMP error for one client leaves the others served and the proxy idle', async (t) => {
-    if (!NATIVE) {
-      // Node's UDP handles cannot read a socket's error queue, so on that path the socket
-      // stays in POLLERR and the loop spins (it still forwards): the fallback's limit (README).
-      t.skip("Node's path cannot empty the error queue (documented limit of the fallback)");
-      return;
-    }
+  test('an inherited socket with IP_RECVERR: an ICMP error for one client leaves the others served (and, natively, the proxy idle)', async (t) => {
     const cc = spawnSync('sh', ['-c', 'command -v cc'], { encoding: 'utf8' }).stdout.trim();
     if (cc === '') {
       if (process.env['CI']) assert.fail('cc is needed to build test/fixtures/recverr_exec.c');
@@ -382,7 +376,13 @@ describe('UDP: datagrams forwarded, one flow per client', () => {
       await sleep(1000);
       const ticks = cpuTicks(p.pid) - before;
       assertPath(p);
-      assert.ok(ticks < 30, `the proxy used ${ticks} ticks of CPU in about a second of near-idle: spinning on POLLERR`);
+      if (NATIVE) {
+        assert.ok(ticks < 30, `the proxy used ${ticks} ticks of CPU in about a second of near-idle: spinning on POLLERR`);
+      } else {
+        // Node's UDP handles cannot read a socket's error queue: the socket stays in POLLERR
+        // and the loop spins, forwarding still (the fallback's documented limit, README).
+        t.diagnostic(`Node's path: ${ticks} ticks of CPU in that second (the documented busy loop)`);
+      }
     } finally {
       c.sock.close();
       echo.close();
