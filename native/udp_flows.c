@@ -26,7 +26,7 @@
  * resolved against the node executable at load time. State is per environment
  * (napi_set_instance_data), so worker threads each get their own.
  *
- * Exports (l is what listen() returned; ids are flow ids, > 0):
+ * Exports (l is what listen() returned; ids are flow ids, integers in 1 .. 2^53 - 1):
  *   listen(fd, receiver, onMiss, onEnd) -> l | -errno   (takes a copy of fd: dup)
  *   start(l), stop(l)                    -> 0 | -errno   (read the socket, or not: a drain)
  *   open(l, clientSockaddr, host, port, ipv6, nowMs) -> id | -errno
@@ -82,7 +82,7 @@ typedef struct flow {
   struct sockaddr_in6 client; /* sockaddr_in for an IPv4 socket; clen says which */
   socklen_t clen;
   int fd;
-  uint32_t id;
+  uint64_t id; /* see take_id */
   double last; /* the listener's clock when a datagram last passed, either way */
 } flow_t;
 
@@ -118,9 +118,10 @@ struct state {
   struct iovec liov[VLEN], fiov[VLEN];
   struct sockaddr_in6 names[VLEN];
   int ldirty; /* lmsgs[0..ldirty) have a msg_namelen the kernel wrote */
-  flow_t **slots; /* flow id - 1 -> flow */
+  flow_t **slots;    /* slot index -> flow (NULL: free) */
+  uint32_t *gens;    /* slot index -> the generation its next (or current) flow gets */
   uint32_t nslots, cap_slots;
-  uint32_t *free_ids;
+  uint32_t *free_ids; /* free slot indexes */
   uint32_t nfree;
 };
 
@@ -202,31 +203,67 @@ static void unlink_flow(listener_t *l, flow_t *f) {
   }
 }
 
+/*
+ * Flow ids: a slot index in the low ID_SLOT_BITS (index + 1, so an id is never 0) and
+ * the slot's generation above it, which moves on each time the slot is freed. JS holds
+ * ids (listener.byId, each Flow); if a flow were ever freed here without JS hearing of
+ * it (a failed N-API call in end_flow or call_js), JS's id must not name the next flow
+ * in that slot -- another client's: a datagram sent or a close made on a stale id would
+ * then go to the wrong client's flow. With the generation, a stale id finds nothing
+ * (flow_by_id). Ids stay below 2^53, exact as JS numbers. A slot whose generation is
+ * used up is retired (never reused): no id is ever handed out twice in a process.
+ * Only open/send/close/sweep (JS's calls) look ids up; the datagram path never does.
+ */
+#define ID_SLOT_BITS 24
+#define ID_MAX_SLOTS ((1u << ID_SLOT_BITS) - 1)
+#define ID_MAX_GEN ((1u << (53 - ID_SLOT_BITS)) - 1)
+
+static uint64_t make_id(uint32_t index, uint32_t gen) { return ((uint64_t)gen << ID_SLOT_BITS) | (uint64_t)(index + 1); }
+static uint32_t id_index(uint64_t id) { return (uint32_t)(id & ((1u << ID_SLOT_BITS) - 1)) - 1; }
+
 static int take_id(state_t *st, flow_t *f) {
+  uint32_t index;
   if (st->nfree > 0) {
-    f->id = st->free_ids[--st->nfree];
-    st->slots[f->id - 1] = f;
-    return 0;
+    index = st->free_ids[--st->nfree];
+  } else {
+    if (st->nslots == ID_MAX_SLOTS) return EMFILE;
+    if (st->nslots == st->cap_slots) {
+      uint32_t n = st->cap_slots == 0 ? 64 : st->cap_slots * 2;
+      if (n > ID_MAX_SLOTS) n = ID_MAX_SLOTS;
+      flow_t **s = realloc(st->slots, n * sizeof(*s));
+      if (s == NULL) return ENOMEM;
+      st->slots = s;
+      uint32_t *g = realloc(st->gens, n * sizeof(*g));
+      if (g == NULL) return ENOMEM;
+      st->gens = g;
+      uint32_t *fr = realloc(st->free_ids, n * sizeof(*fr));
+      if (fr == NULL) return ENOMEM;
+      st->free_ids = fr;
+      st->cap_slots = n;
+    }
+    index = st->nslots++;
+    st->gens[index] = 0;
   }
-  if (st->nslots == st->cap_slots) {
-    uint32_t n = st->cap_slots == 0 ? 64 : st->cap_slots * 2;
-    flow_t **s = realloc(st->slots, n * sizeof(*s));
-    if (s == NULL) return ENOMEM;
-    st->slots = s;
-    uint32_t *fr = realloc(st->free_ids, n * sizeof(*fr));
-    if (fr == NULL) return ENOMEM;
-    st->free_ids = fr;
-    st->cap_slots = n;
-  }
-  st->slots[st->nslots] = f;
-  f->id = ++st->nslots;
+  st->slots[index] = f;
+  f->id = make_id(index, st->gens[index]);
   return 0;
 }
 
+/* The flow's slot is free again; its id is dead for good (the next flow there gets another). */
+static void release_id(state_t *st, flow_t *f) {
+  uint32_t index = id_index(f->id);
+  st->slots[index] = NULL;
+  if (st->gens[index] == ID_MAX_GEN) return; /* retired: every id of this slot was handed out */
+  st->gens[index]++;
+  st->free_ids[st->nfree++] = index;
+}
+
 static flow_t *flow_by_id(state_t *st, listener_t *l, int64_t id) {
-  if (id < 1 || id > (int64_t)st->nslots) return NULL;
-  flow_t *f = st->slots[id - 1];
-  return f != NULL && f->l == l ? f : NULL;
+  if (id < 1 || id >= ((int64_t)1 << 53)) return NULL;
+  uint32_t index = id_index((uint64_t)id);
+  if (index >= st->nslots) return NULL; /* also an id of 0 in the low bits: index wraps to UINT32_MAX */
+  flow_t *f = st->slots[index];
+  return f != NULL && f->id == (uint64_t)id && f->l == l ? f : NULL;
 }
 
 /* ---- calling JavaScript ---------------------------------------------------------- */
@@ -260,10 +297,9 @@ static void on_flow_closed(uv_handle_t *h) {
 static void end_flow(flow_t *f, int err, int report) {
   listener_t *l = f->l;
   state_t *st = l->st;
-  uint32_t id = f->id;
+  uint64_t id = f->id;
   unlink_flow(l, f);
-  st->slots[id - 1] = NULL;
-  st->free_ids[st->nfree++] = id;
+  release_id(st, f);
   f->l = NULL;
   uv_close((uv_handle_t *)&f->poll, on_flow_closed);
   if (report && !l->closing) {
@@ -271,7 +307,7 @@ static void end_flow(flow_t *f, int err, int report) {
     napi_handle_scope scope;
     if (napi_open_handle_scope(env, &scope) != napi_ok) return;
     napi_value argv[2];
-    if (napi_create_uint32(env, id, &argv[0]) == napi_ok && napi_create_int32(env, -err, &argv[1]) == napi_ok) {
+    if (napi_create_int64(env, (int64_t)id, &argv[0]) == napi_ok && napi_create_int32(env, -err, &argv[1]) == napi_ok) {
       call_js(l, l->on_end, 2, argv);
     }
     napi_close_handle_scope(env, scope);
@@ -528,6 +564,7 @@ static void finalize_state(napi_env env, void *data, void *hint) {
   state_t *st = data;
   free(st->pool);
   free(st->slots);
+  free(st->gens);
   free(st->free_ids);
   free(st);
 }
@@ -757,17 +794,13 @@ static napi_value Open(napi_env env, napi_callback_info info) {
   int e = take_id(st, f);
   if (e == 0) {
     e = insert(l, f);
-    if (e != 0) {
-      st->slots[f->id - 1] = NULL;
-      st->free_ids[st->nfree++] = f->id;
-    }
+    if (e != 0) release_id(st, f);
   }
   if (e == 0) {
     err = uv_poll_start(&f->poll, UV_READABLE, on_flow);
     if (err != 0) {
       unlink_flow(l, f);
-      st->slots[f->id - 1] = NULL;
-      st->free_ids[st->nfree++] = f->id;
+      release_id(st, f);
       e = -err;
     }
   }
@@ -778,7 +811,7 @@ static napi_value Open(napi_env env, napi_callback_info info) {
   f->l = l;
   if (now > l->stamp) l->stamp = now;
   f->last = now;
-  return int_value(env, f->id);
+  return int_value(env, (int64_t)f->id);
 }
 
 static napi_value Send(napi_env env, napi_callback_info info) {
@@ -826,22 +859,43 @@ static napi_value Sweep(napi_env env, napi_callback_info info) {
   CHECK(env, napi_get_value_double(env, argv[1], &now));
   CHECK(env, napi_get_value_double(env, argv[2], &limit));
   l->stamp = now;
-  napi_value out;
-  CHECK(env, napi_create_array(env, &out));
-  uint32_t k = 0;
+  /*
+   * Every id goes into the result before any flow is ended: a failed N-API call on the
+   * way throws with no flow ended (JS still knows them all, the next sweep takes them),
+   * never after some were ended unreported.
+   */
+  uint32_t n = 0;
   for (uint32_t i = 0; i < l->nbuckets; i++) {
-    flow_t *f = l->buckets[i];
-    while (f != NULL) {
-      flow_t *next = f->hnext;
-      if (now - f->last >= limit) {
-        napi_value id;
-        CHECK(env, napi_create_uint32(env, f->id, &id));
-        CHECK(env, napi_set_element(env, out, k++, id));
-        end_flow(f, 0, 0);
-      }
-      f = next;
+    for (flow_t *f = l->buckets[i]; f != NULL; f = f->hnext) n += now - f->last >= limit;
+  }
+  napi_value out;
+  CHECK(env, napi_create_array_with_length(env, n, &out));
+  if (n == 0) return out;
+  uint64_t *ids = malloc(n * sizeof(*ids));
+  if (ids == NULL) {
+    napi_throw_error(env, NULL, "udp_flows: out of memory");
+    return NULL;
+  }
+  uint32_t k = 0;
+  for (uint32_t i = 0; i < l->nbuckets && k < n; i++) {
+    for (flow_t *f = l->buckets[i]; f != NULL && k < n; f = f->hnext) {
+      if (now - f->last >= limit) ids[k++] = f->id;
     }
   }
+  for (uint32_t j = 0; j < k; j++) {
+    napi_value id;
+    if (napi_create_int64(env, (int64_t)ids[j], &id) != napi_ok || napi_set_element(env, out, j, id) != napi_ok) {
+      free(ids);
+      napi_throw_error(env, NULL, "udp_flows: N-API call failed");
+      return NULL;
+    }
+  }
+  /* By id, not by walking the table again: what the result says is exactly what ends. */
+  for (uint32_t j = 0; j < k; j++) {
+    flow_t *f = flow_by_id(st, l, (int64_t)ids[j]);
+    if (f != NULL) end_flow(f, 0, 0);
+  }
+  free(ids);
   return out;
 }
 

@@ -11,7 +11,8 @@ import { parseAddress } from '../src/config/address.ts';
 import { datagramAddress, listenDatagramOnAddress } from '../src/engine/datagram.ts';
 import type { Logger } from '../src/system/log.ts';
 import { closeProxy, createProxy, type LookupFunction } from '../src/engine/proxy.ts';
-import { udpNative } from '../src/engine/udp-native.ts';
+import { readdirSync } from 'node:fs';
+import { udpNative, type NativeListener, type UdpFlowsAddon } from '../src/engine/udp-native.ts';
 
 /** The path under test: the native addon, unless SOCKET_PROXYD_NATIVE_UDP=0 (test/datagram-node-path.test.ts). */
 const NATIVE = process.env['SOCKET_PROXYD_NATIVE_UDP'] !== '0';
@@ -117,5 +118,73 @@ test('a host-name target: the addresses are tried in order, one a socket cannot 
     closeProxy(proxy);
     client.close();
     echo.close();
+  }
+});
+
+test('native path: a flow the addon ended without telling us is dropped on the next miss, and a new one opened (never a send by its old id)', async (t) => {
+  if (!NATIVE) {
+    t.skip('the native path only (Node\'s path has no flow ids)');
+    return;
+  }
+  const echo = await udp4();
+  echo.on('message', (m, r) => echo.send(m, r.port, r.address));
+  const logger = memoryLogger();
+  const proxy = createProxy({ target: parseAddress(`127.0.0.1:${echo.address().port}`), connectionsMax: 10, exitIdleTimeUsec: null, logger });
+  const a = await udp4();
+  const b = await udp4();
+  const toB: string[] = [];
+  b.on('message', (m) => toB.push(String(m)));
+  try {
+    const listener = await listenDatagramOnAddress(proxy, parseAddress('127.0.0.1:0', true));
+    const port = datagramAddress(listener).port;
+    const ask = async (client: UdpSocket, text: string): Promise<void> => {
+      const reply = once(client, 'message', { signal: AbortSignal.timeout(3000) });
+      client.send(text, port, '127.0.0.1');
+      assert.equal(String((await reply)[0]), text);
+    };
+    await ask(a, 'a1');
+    const [stale] = [...listener.byId.keys()] as [number];
+    // The addon ends A's flow and we do not hear of it (as after a failed N-API call there).
+    (udpNative() as UdpFlowsAddon).close(listener.native as NativeListener, stale);
+    assert.equal(proxy.flows, 1, 'we still think A has a flow');
+    // B's new flow may take the slot A's had in the addon.
+    await ask(b, 'b1');
+    // A's next datagram is a miss in the addon: it must reach the target on a flow of A's own.
+    await ask(a, 'a2');
+    assert.deepEqual(toB, ['b1'], "nothing of A's reached B");
+    assert.equal(proxy.flows, 2);
+    assert.equal(listener.byId.size, 2);
+    assert.ok(!listener.byId.has(stale), 'the stale id is forgotten');
+    assert.match(logger.lines.join('\n'), /<4>Flow from 127\.0\.0\.1:[0-9]+ was ended by the native data path unreported/);
+  } finally {
+    closeProxy(proxy);
+    a.close();
+    b.close();
+    echo.close();
+  }
+});
+
+test("native path: a listen() of the addon that throws (not an errno) still closes Node's handle on the socket", async (t) => {
+  const addon = udpNative();
+  if (addon === null) {
+    t.skip('the native path only');
+    return;
+  }
+  const proxy = createProxy({ target: parseAddress('127.0.0.1:9'), connectionsMax: 10, exitIdleTimeUsec: null, logger: memoryLogger() });
+  // The real addon throws only when an N-API call fails (a dying environment): stand in for that.
+  const listen = addon.listen;
+  addon.listen = () => {
+    throw new Error('udp_flows: N-API call failed');
+  };
+  try {
+    // The sockets of the tests before close in their handles' close callbacks: let them finish first.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const before = readdirSync('/proc/self/fd').length;
+    await assert.rejects(listenDatagramOnAddress(proxy, parseAddress('127.0.0.1:0', true)), /udp_flows: N-API call failed/);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.equal(readdirSync('/proc/self/fd').length, before, 'no fd left open');
+  } finally {
+    addon.listen = listen;
+    closeProxy(proxy);
   }
 });

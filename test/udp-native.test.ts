@@ -110,3 +110,124 @@ test('the addon: TypeErrors for wrong types, negative errnos from the OS, every 
   await closeCallbacks();
   assert.equal(fds(), before - 2, 'every socket of the addon, and the two of this test, closed');
 });
+
+/** A listener on a fresh loopback socket, its target, and a cleanup. */
+async function listenerFor(addon: UdpFlowsAddon): Promise<{ listener: NativeListener; target: ReturnType<typeof createSocket>; done: () => void }> {
+  const noop = (): void => {};
+  const sock = createSocket('udp4');
+  sock.bind(0, '127.0.0.1');
+  await once(sock, 'listening');
+  const target = createSocket('udp4');
+  target.bind(0, '127.0.0.1');
+  await once(target, 'listening');
+  const key = Object.getOwnPropertySymbols(sock).find((k) => k.description === 'state symbol') as symbol;
+  const fd = (sock as unknown as Record<symbol, { handle: { fd: number } } | undefined>)[key]?.handle.fd ?? -1;
+  const l = addon.listen(fd, {}, noop, noop);
+  assert.equal(typeof l, 'object');
+  const listener = l as NativeListener;
+  assert.equal(addon.start(listener), 0);
+  return {
+    listener,
+    target,
+    done: () => {
+      addon.closeListener(listener);
+      sock.close();
+      target.close();
+    },
+  };
+}
+
+const ENOENT = -2;
+
+test('flow ids carry a generation: an id whose flow was closed names nothing, even once a new flow has its slot', async () => {
+  const addon = createRequire(import.meta.url)(join(PREBUILDS, 'udp_flows.node')) as UdpFlowsAddon;
+  const { listener, target, done } = await listenerFor(addon);
+  try {
+    const port = target.address().port;
+    const a = addon.open(listener, sockaddrIn(41000), '127.0.0.1', port, false, 0);
+    assert.ok(a > 0, `a flow id: ${a}`);
+    addon.close(listener, a);
+    // The slot a had is free: the next open takes it (the free list), with another id.
+    const b = addon.open(listener, sockaddrIn(41001), '127.0.0.1', port, false, 0);
+    assert.ok(b > 0, `a flow id: ${b}`);
+    assert.notEqual(b, a, "the new flow does not get the closed flow's id");
+    assert.ok(Number.isSafeInteger(b), `an exact JS integer: ${b}`);
+    assert.equal(addon.send(listener, a, Buffer.from('for the old flow')), ENOENT, 'a send on the stale id finds no flow');
+    addon.close(listener, a); // must not close b
+    // b still works: its datagram reaches the target, from b's own socket.
+    const got = once(target, 'message');
+    assert.equal(addon.send(listener, b, Buffer.from('on b')), 0, 'b is still open after a close on the stale id');
+    const [message] = (await got) as [Buffer];
+    assert.equal(message.toString(), 'on b');
+    // Sweep reports the id open gave (ids beyond 2^32 would be mangled by a uint32).
+    assert.deepEqual(addon.sweep(listener, 1000, 1000), [b]);
+    assert.equal(addon.send(listener, b, new Uint8Array(1)), ENOENT);
+  } finally {
+    done();
+    await closeCallbacks();
+  }
+});
+
+test('flow ids: many open/close cycles, with flows open alongside, never hand out an id that was used before, and every dead id stays dead', async () => {
+  const addon = createRequire(import.meta.url)(join(PREBUILDS, 'udp_flows.node')) as UdpFlowsAddon;
+  const { listener, target, done } = await listenerFor(addon);
+  try {
+    const port = target.address().port;
+    const used = new Set<number>();
+    const dead: number[] = [];
+    const live: number[] = [];
+    let client = 42000;
+    const open = (): void => {
+      const id = addon.open(listener, sockaddrIn(client++), '127.0.0.1', port, false, 0);
+      assert.ok(id > 0 && Number.isSafeInteger(id), `a flow id: ${id}`);
+      assert.ok(!used.has(id), `id ${id} handed out again`);
+      used.add(id);
+      live.push(id);
+    };
+    for (let i = 0; i < 4; i++) open();
+    // Deterministic order of closes (oldest, newest, middle), so slots are reused in varied orders.
+    for (let i = 0; i < 600; i++) {
+      const at = i % 3 === 0 ? 0 : i % 3 === 1 ? live.length - 1 : live.length >> 1;
+      const [id] = live.splice(at, 1) as [number];
+      addon.close(listener, id);
+      dead.push(id);
+      open();
+    }
+    assert.equal(used.size, 604);
+    for (const id of dead) assert.equal(addon.send(listener, id, new Uint8Array(1)), ENOENT, `dead id ${id}`);
+    for (const id of dead) addon.close(listener, id); // all no-ops
+    for (const id of live) assert.equal(addon.send(listener, id, new Uint8Array(1)), 0, `live id ${id} still open`);
+    assert.deepEqual(addon.sweep(listener, 1000, 1000).sort((x, y) => x - y), [...live].sort((x, y) => x - y));
+  } finally {
+    done();
+    await closeCallbacks();
+  }
+});
+
+test('sweep: a failure while making its result ends no flow (none is lost unreported)', async () => {
+  const addon = createRequire(import.meta.url)(join(PREBUILDS, 'udp_flows.node')) as UdpFlowsAddon;
+  const { listener, target, done } = await listenerFor(addon);
+  try {
+    const port = target.address().port;
+    const ids = [43000, 43001, 43002].map((p) => addon.open(listener, sockaddrIn(p), '127.0.0.1', port, false, 0));
+    // napi_set_element on the result meets an inherited setter that throws at index 1: the
+    // N-API call fails after the first id was stored.
+    Object.defineProperty(Array.prototype, '1', {
+      configurable: true,
+      set() {
+        throw new Error('no element 1');
+      },
+    });
+    try {
+      assert.throws(() => addon.sweep(listener, 1000, 1000), /no element 1/);
+    } finally {
+      delete (Array.prototype as unknown as Record<string, unknown>)['1'];
+    }
+    for (const id of ids) assert.equal(addon.send(listener, id, new Uint8Array(1)), 0, `flow ${id} still open: the failed sweep ended nothing`);
+    // (the sends above stamped the flows with the sweep clock, 1000)
+    assert.deepEqual(addon.sweep(listener, 2000, 1000).sort((x, y) => x - y), [...ids].sort((x, y) => x - y), 'the next sweep reports them all');
+  } finally {
+    done();
+    await closeCallbacks();
+  }
+});

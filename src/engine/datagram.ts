@@ -273,13 +273,19 @@ function startListener(proxy: Proxy, handle: ListenHandle, ipv6: boolean, route:
   };
   if (addon !== null && typeof handle.fd === 'number' && handle.fd >= 0) {
     // The addon takes a copy of the socket; Node's handle on it is closed.
-    const got = addon.listen(handle.fd, listener, onNativeMiss, onNativeEnd);
-    if (typeof got === 'number') {
+    let got: NativeListener | number;
+    try {
+      got = addon.listen(handle.fd, listener, onNativeMiss, onNativeEnd);
+    } catch (err) {
+      // An N-API failure throws rather than returning an errno: Node's handle must not leak its fd.
       handle.close();
+      throw new ProxyError('ERR_LISTEN', `Failed to receive on a datagram socket: ${err instanceof Error ? err.message : String(err)}`, EINVAL);
+    }
+    handle.close();
+    if (typeof got === 'number') {
       throw new ProxyError('ERR_LISTEN', `Failed to receive on a datagram socket: ${strerror({ code: getSystemErrorName(got) })}`, -got);
     }
     native = got;
-    handle.close();
   } else if (addon === null && logger.maxLevel >= LOG_DEBUG && state.listeners.length === 0) {
     proxy.log(LOG_DEBUG, `Forwarding datagrams with Node's UDP handles (native path unavailable: ${udpNativeUnavailable()})`);
   }
@@ -344,6 +350,7 @@ function onClientMessage(nread: number, handle: UdpHandle, buf?: Buffer, rinfo?:
  */
 function onNativeMiss(this: DatagramListener, address: string, port: number, sockaddr: Uint8Array, datagram: Uint8Array): void {
   let flow = this.flows.get(address)?.get(port);
+  if (flow !== undefined && flow.id !== 0) flow = outOfSync(flow);
   if (flow === undefined) {
     const opened = openFlow(this, address, port, sockaddr);
     if (opened === null) return;
@@ -355,6 +362,23 @@ function onNativeMiss(this: DatagramListener, address: string, port: number, soc
     return;
   }
   nativeSend(flow, datagram);
+}
+
+/**
+ * Native path: the addon missed a client for which we hold an open flow, so it ended that
+ * flow without our hearing of it (a failed N-API call on its side). Our record is dropped
+ * without a close by its id: the id is dead (the addon's ids carry a generation, so a
+ * stale one names no flow, but nothing is sent or closed by it anyway), and the datagram
+ * opens a fresh flow. Returns undefined: there is no flow for the client now.
+ */
+function outOfSync(flow: Flow): undefined {
+  const listener = flow.listener;
+  // Only our own entry: had the addon reused the id, it would be another client's flow's.
+  if (listener.byId.get(flow.id) === flow) listener.byId.delete(flow.id);
+  flow.id = 0;
+  listener.route.log(LOG_WARNING, `Flow from ${clientName(flow)} was ended by the native data path unreported; opening a new one`);
+  endFlow(flow, 0);
+  return undefined;
 }
 
 /** Native path: the addon ended a flow on an error (`err`, a negative errno; ECONNREFUSED after ICMP). */

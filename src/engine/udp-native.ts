@@ -33,7 +33,11 @@ export interface UdpFlowsAddon {
   /** Read the socket (0 or a negative errno); stop(): leave datagrams in the kernel (a drain). */
   start(l: NativeListener): number;
   stop(l: NativeListener): number;
-  /** A flow for the client at `sockaddr` (as onMiss gave it), connected to host:port: its id (> 0) or a negative errno. */
+  /**
+   * A flow for the client at `sockaddr` (as onMiss gave it), connected to host:port: its id or a
+   * negative errno. Ids are integers in 1 .. 2^53 - 1 and never handed out twice: a stale one
+   * names no flow (send: -ENOENT; close: nothing).
+   */
   open(l: NativeListener, sockaddr: Uint8Array, host: string, port: number, ipv6: boolean, nowMs: number): number;
   /** Send on a flow: 0 (sent, or dropped on a full buffer as UDP does) or a negative errno (the flow is broken). */
   send(l: NativeListener, id: number, datagram: Uint8Array): number;
