@@ -14,6 +14,20 @@ export interface TargetSpec {
   against?: ProxyName;
   /** judge this proxy's median instead of ours', e.g. ours-pp2 against ours */
   subject?: ProxyName;
+  /**
+   * Judge the median of the per-run ratios subject/against (check(ratio, 1)) instead of the
+   * ratio of the medians: each run measures both back to back, so the machine's drift
+   * between runs, which moves both alike, cancels (as in bench/pairs.ts).
+   */
+  paired?: boolean;
+}
+
+/** The median of the per-run ratios of `subject` to `against`, or NaN without pairs. */
+export function pairedRatio(row: Row, subject: ProxyName, against: ProxyName): number {
+  const a = row.values[subject] ?? [];
+  const b = row.values[against] ?? [];
+  if (a.length === 0 || a.length !== b.length) return NaN;
+  return median(a.map((x, i) => x / (b[i] as number)));
 }
 
 export interface Row {
@@ -93,7 +107,10 @@ export function evaluate(row: Row): { ratio: string; met: string } {
     const b = median(row.values[base]);
     if (!Number.isFinite(s)) met = `n/a (no result for ${subject})`;
     else if (row.target.needsRef && !Number.isFinite(b)) met = `n/a (no result for ${base})`;
-    else met = row.target.check(s, b) ? 'yes' : '**NO**';
+    else if (row.target.paired) {
+      const pr = pairedRatio(row, subject, base);
+      met = !Number.isFinite(pr) ? `n/a (${subject} and ${base} not measured in the same runs)` : row.target.check(pr, 1) ? 'yes' : '**NO**';
+    } else met = row.target.check(s, b) ? 'yes' : '**NO**';
   }
   return { ratio, met };
 }
@@ -146,12 +163,17 @@ export function targetsOf(sec: Section): TargetResult[] {
         const against = r.target?.against ?? 'ref';
         const a = median(r.values[subject]);
         const b = median(r.values[against]);
+        const pr = r.target?.paired ? pairedRatio(r, subject, against) : NaN;
         return {
           section: sec.short,
           label: `${r.label}: ${subject} vs ${against}`,
           ours: `${cell(r, subject, false)} (${subject})`,
           ref: `${cell(r, against, false)} (${against})`,
-          ratio: Number.isFinite(a) && Number.isFinite(b) && b !== 0 ? `${(a / b).toFixed(2)}x` : '–',
+          ratio: Number.isFinite(pr)
+            ? `${pr.toFixed(2)}x (median of per-run ratios)`
+            : Number.isFinite(a) && Number.isFinite(b) && b !== 0
+              ? `${(a / b).toFixed(2)}x`
+              : '–',
           target: r.target?.text ?? '',
           met,
         };
