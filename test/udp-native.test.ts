@@ -137,12 +137,22 @@ async function listenerFor(addon: UdpFlowsAddon): Promise<{ listener: NativeList
   };
 }
 
-const ENOENT = -2;
-
-test('flow ids carry a generation: an id whose flow was closed names nothing, even once a new flow has its slot', async () => {
+/** Run `fn` with the addon, a listener from listenerFor() and its target; cleans up after. */
+async function withListener(fn: (addon: UdpFlowsAddon, listener: NativeListener, target: ReturnType<typeof createSocket>) => Promise<void>): Promise<void> {
   const addon = createRequire(import.meta.url)(join(PREBUILDS, 'udp_flows.node')) as UdpFlowsAddon;
   const { listener, target, done } = await listenerFor(addon);
   try {
+    await fn(addon, listener, target);
+  } finally {
+    done();
+    await closeCallbacks();
+  }
+}
+
+const ENOENT = -2;
+
+test('flow ids carry a generation: an id whose flow was closed names nothing, even once a new flow has its slot', async () => {
+  await withListener(async (addon, listener, target) => {
     const port = target.address().port;
     const a = addon.open(listener, sockaddrIn(41000), '127.0.0.1', port, false, 0);
     assert.ok(a > 0, `a flow id: ${a}`);
@@ -162,16 +172,11 @@ test('flow ids carry a generation: an id whose flow was closed names nothing, ev
     // Sweep reports the id open gave (ids beyond 2^32 would be mangled by a uint32).
     assert.deepEqual(addon.sweep(listener, 1000, 1000), [b]);
     assert.equal(addon.send(listener, b, new Uint8Array(1)), ENOENT);
-  } finally {
-    done();
-    await closeCallbacks();
-  }
+  });
 });
 
 test('flow ids: many open/close cycles, with flows open alongside, never hand out an id that was used before, and every dead id stays dead', async () => {
-  const addon = createRequire(import.meta.url)(join(PREBUILDS, 'udp_flows.node')) as UdpFlowsAddon;
-  const { listener, target, done } = await listenerFor(addon);
-  try {
+  await withListener(async (addon, listener, target) => {
     const port = target.address().port;
     const used = new Set<number>();
     const dead: number[] = [];
@@ -198,16 +203,11 @@ test('flow ids: many open/close cycles, with flows open alongside, never hand ou
     for (const id of dead) addon.close(listener, id); // all no-ops
     for (const id of live) assert.equal(addon.send(listener, id, new Uint8Array(1)), 0, `live id ${id} still open`);
     assert.deepEqual(addon.sweep(listener, 1000, 1000).sort((x, y) => x - y), [...live].sort((x, y) => x - y));
-  } finally {
-    done();
-    await closeCallbacks();
-  }
+  });
 });
 
 test('sweep: a failure while making its result ends no flow (none is lost unreported)', async () => {
-  const addon = createRequire(import.meta.url)(join(PREBUILDS, 'udp_flows.node')) as UdpFlowsAddon;
-  const { listener, target, done } = await listenerFor(addon);
-  try {
+  await withListener(async (addon, listener, target) => {
     const port = target.address().port;
     const ids = [43000, 43001, 43002].map((p) => addon.open(listener, sockaddrIn(p), '127.0.0.1', port, false, 0));
     // napi_set_element on the result meets an inherited setter that throws at index 1: the
@@ -226,8 +226,5 @@ test('sweep: a failure while making its result ends no flow (none is lost unrepo
     for (const id of ids) assert.equal(addon.send(listener, id, new Uint8Array(1)), 0, `flow ${id} still open: the failed sweep ended nothing`);
     // (the sends above stamped the flows with the sweep clock, 1000)
     assert.deepEqual(addon.sweep(listener, 2000, 1000).sort((x, y) => x - y), [...ids].sort((x, y) => x - y), 'the next sweep reports them all');
-  } finally {
-    done();
-    await closeCallbacks();
-  }
+  });
 });
