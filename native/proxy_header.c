@@ -15,8 +15,9 @@
  *   init(scratch: Buffer)   once: the buffer (>= 108 bytes) header() writes into
  *   header(fd: number, version: 1 | 2): number
  * header() writes the header for the connection on fd into the scratch buffer and
- * returns its length (15..104 bytes for v1, 16, 28 or 52 for v2), plus 256 when the
- * client's first bytes are already waiting in the socket (FIONREAD), so that the
+ * returns its length (15..104 bytes for v1, 16, 28 or 52 for v2; 0 when a TCP
+ * client has already gone), plus 256 when the
+ * client's first bytes are already waiting in the socket (a peek), so that the
  * caller knows, without a turn of the event loop, whether to send the header with
  * them or alone at once. It follows the
  * same family rule as the TypeScript encoder (src/engine/proxy-protocol.ts says why):
@@ -41,7 +42,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 /* Or'ed into header()'s result: the client has bytes waiting (lengths are below 256). */
@@ -81,14 +81,20 @@ static int read_end(const struct sockaddr_storage *ss, struct end *e) {
 
 static int is_mapped(const struct end *e) { return memcmp(e->addr, MAPPED_PREFIX, 12) == 0; }
 
-/* The header into out (at least 108 bytes); returns its length. */
+/*
+ * The header into out (at least 108 bytes); returns its length, or 0 when the
+ * client of a TCP socket has gone (getpeername fails once it reset): LOCAL or
+ * UNKNOWN would tell the backend to take the connection's own addresses, ours,
+ * for the client's, which an allow-list of the proxy's address would let through.
+ */
 static size_t encode(int fd, int version, unsigned char *out) {
   struct sockaddr_storage peer, local;
   socklen_t plen = sizeof(peer), llen = sizeof(local);
   struct end src, dst;
-  int ok = getpeername(fd, (struct sockaddr *)&peer, &plen) == 0 &&
-           getsockname(fd, (struct sockaddr *)&local, &llen) == 0 && read_end(&peer, &src) &&
-           read_end(&local, &dst);
+  int lok = getsockname(fd, (struct sockaddr *)&local, &llen) == 0 && read_end(&local, &dst);
+  int pok = getpeername(fd, (struct sockaddr *)&peer, &plen) == 0 && read_end(&peer, &src);
+  if (lok && !pok) return 0;
+  int ok = lok && pok;
   int four = 0;
   if (ok) {
     /* Both IPv4; or both IPv6 and both mapped (an IPv4 client on a dual-stack
@@ -219,10 +225,12 @@ static napi_value Header(napi_env env, napi_callback_info info) {
   }
   uint32_t n = (uint32_t)encode(fd, version, s->data);
   /* Whether the client's first bytes are already in the socket: then the caller sends
-   * the header with them, in one write; otherwise alone, at once. FIONREAD (SIOCINQ)
-   * counts the receive queue of TCP and of UNIX stream sockets alike. */
-  int avail = 0;
-  if (ioctl(fd, FIONREAD, &avail) == 0 && avail > 0) n |= HAS_BYTES;
+   * the header with them, in one write; otherwise alone, at once. A one-byte peek, not
+   * FIONREAD: that counts a UNIX socket's out-of-band byte, which no read returns, and
+   * the header would wait for a read that never comes. A peek sees only what a read
+   * gets: 1 for data, 0 for a FIN alone, -1 (EAGAIN) for nothing or urgent data alone. */
+  unsigned char one;
+  if (n != 0 && recv(fd, &one, 1, MSG_PEEK | MSG_DONTWAIT) == 1) n |= HAS_BYTES;
   napi_value result;
   if (napi_create_uint32(env, n, &result) != napi_ok) return NULL;
   return result;

@@ -51,6 +51,17 @@ async function accepted(listen: net.ListenOptions, connect: net.NetConnectOpts):
   };
 }
 
+/** headerFor() / headerForJs() where a header is due (a client that is still there). */
+function hdr(version: 1 | 2, handle: StreamHandle): Buffer {
+  const b = headerFor(version, handle);
+  assert.ok(b !== null, 'a header, not "client gone"');
+  return b;
+}
+function hdrJs(version: 1 | 2, handle: StreamHandle): Buffer {
+  const b = headerForJs(version, handle);
+  assert.ok(b !== null, 'a header, not "client gone"');
+  return b;
+}
 const handleOf = (s: net.Socket): StreamHandle => (s as unknown as { _handle: StreamHandle })._handle;
 const port16 = (p: number): string => p.toString(16).padStart(4, '0');
 const v4hex = (a: string): string => a.split('.').map((o) => Number(o).toString(16).padStart(2, '0')).join('');
@@ -77,10 +88,10 @@ test('IPv4: 24 pairs of loopback addresses and ports, addon = TypeScript = the b
       const dp = c.server.localPort as number;
       const v1 = `PROXY TCP4 ${src} ${dst} ${sp} ${dp}\r\n`;
       const v2 = `${SIG}2111000c${v4hex(src)}${v4hex(dst)}${port16(sp)}${port16(dp)}`;
-      assert.equal(headerFor(1, h).toString('latin1'), v1);
-      assert.equal(headerForJs(1, h).toString('latin1'), v1);
-      assert.equal(headerFor(2, h).toString('hex'), v2);
-      assert.equal(headerForJs(2, h).toString('hex'), v2);
+      assert.equal(hdr(1, h).toString('latin1'), v1);
+      assert.equal(hdrJs(1, h).toString('latin1'), v1);
+      assert.equal(hdr(2, h).toString('hex'), v2);
+      assert.equal(hdrJs(2, h).toString('hex'), v2);
     } finally {
       c.close();
     }
@@ -94,10 +105,10 @@ test('IPv6 ::1, and an IPv4 client on a dual-stack socket (demoted to TCP4), add
     const sp = six.client.localPort as number;
     const dp = six.server.localPort as number;
     const one = '00000000000000000000000000000001';
-    assert.equal(headerFor(1, h).toString('latin1'), `PROXY TCP6 ::1 ::1 ${sp} ${dp}\r\n`);
-    assert.equal(headerFor(2, h).toString('hex'), `${SIG}21210024${one}${one}${port16(sp)}${port16(dp)}`);
-    assert.ok(headerFor(1, h).equals(headerForJs(1, h)));
-    assert.ok(headerFor(2, h).equals(headerForJs(2, h)));
+    assert.equal(hdr(1, h).toString('latin1'), `PROXY TCP6 ::1 ::1 ${sp} ${dp}\r\n`);
+    assert.equal(hdr(2, h).toString('hex'), `${SIG}21210024${one}${one}${port16(sp)}${port16(dp)}`);
+    assert.ok(hdr(1, h).equals(hdrJs(1, h)));
+    assert.ok(hdr(2, h).equals(hdrJs(2, h)));
   } finally {
     six.close();
   }
@@ -107,10 +118,10 @@ test('IPv6 ::1, and an IPv4 client on a dual-stack socket (demoted to TCP4), add
     assert.equal(dual.server.remoteAddress, '::ffff:127.0.0.9', 'the accepted socket sees a mapped address');
     const sp = dual.client.localPort as number;
     const dp = dual.server.localPort as number;
-    assert.equal(headerFor(1, h).toString('latin1'), `PROXY TCP4 127.0.0.9 127.0.0.1 ${sp} ${dp}\r\n`);
-    assert.equal(headerFor(2, h).toString('hex'), `${SIG}2111000c7f0000097f000001${port16(sp)}${port16(dp)}`);
-    assert.ok(headerFor(1, h).equals(headerForJs(1, h)));
-    assert.ok(headerFor(2, h).equals(headerForJs(2, h)));
+    assert.equal(hdr(1, h).toString('latin1'), `PROXY TCP4 127.0.0.9 127.0.0.1 ${sp} ${dp}\r\n`);
+    assert.equal(hdr(2, h).toString('hex'), `${SIG}2111000c7f0000097f000001${port16(sp)}${port16(dp)}`);
+    assert.ok(hdr(1, h).equals(hdrJs(1, h)));
+    assert.ok(hdr(2, h).equals(hdrJs(2, h)));
   } finally {
     dual.close();
   }
@@ -120,7 +131,7 @@ test('a UNIX socket client: v1 PROXY UNKNOWN, v2 LOCAL, from both', async () => 
   const c = await accepted({ path: join(tmp.dir, 'unix.sock') }, { path: join(tmp.dir, 'unix.sock') });
   try {
     const h = handleOf(c.server);
-    for (const f of [headerFor, headerForJs]) {
+    for (const f of [hdr, hdrJs]) {
       assert.equal(f(1, h).toString('latin1'), 'PROXY UNKNOWN\r\n');
       assert.equal(f(2, h).toString('hex'), `${SIG}20000000`);
     }
@@ -136,33 +147,95 @@ test('clientBytesWaiting(): false before the client sent a byte, true once its b
   ] as [net.ListenOptions, net.NetConnectOpts][]) {
     const c = await accepted(listen, conn);
     try {
-      headerFor(2, handleOf(c.server));
+      hdr(2, handleOf(c.server));
       assert.equal(clientBytesWaiting(), false, 'nothing sent yet');
       c.client.write('x');
       const deadline = Date.now() + 5000;
       let waiting = false;
       while (!waiting && Date.now() < deadline) {
         await new Promise((r) => setTimeout(r, 5));
-        headerFor(2, handleOf(c.server));
+        hdr(2, handleOf(c.server));
         waiting = clientBytesWaiting();
       }
       assert.equal(waiting, true, 'the byte is seen waiting');
-      headerForJs(2, handleOf(c.server));
-      assert.equal(clientBytesWaiting(), true, 'headerForJs() does not touch the flag');
+      hdrJs(2, handleOf(c.server));
+      assert.equal(clientBytesWaiting(), true, 'hdrJs() does not touch the flag');
     } finally {
       c.close();
     }
   }
 });
 
+test('a TCP client that reset: no header at all (null), from both, never LOCAL / UNKNOWN in its name', async () => {
+  const c = await accepted({ host: '127.0.0.1', port: 0 }, { host: '127.0.0.1', port: 0 });
+  try {
+    c.client.write('hello');
+    c.client.resetAndDestroy();
+    const handle = handleOf(c.server) as unknown as { getpeername(o: object): number };
+    const deadline = Date.now() + 5000;
+    while (handle.getpeername({}) === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    assert.notEqual(handle.getpeername({}), 0, 'the reset has arrived');
+    for (const version of [1, 2] as const) {
+      assert.equal(headerFor(version, handleOf(c.server)), null, `v${version}: addon`);
+      assert.equal(headerForJs(version, handleOf(c.server)), null, `v${version}: TypeScript`);
+    }
+  } finally {
+    c.close();
+  }
+});
+
+test('the CLI: a client that sent its request and reset while the backend was not up yet is dropped, the backend gets no byte of it', async (t) => {
+  const sock = join(tmp.dir, 'late-backend.sock');
+  const proxy = await startProxy({ args: ['--proxy-protocol=v2', '--connect-retry=20s', sock], listen: [{ kind: 'tcp' }], env: { SYSTEMD_LOG_LEVEL: 'debug' } });
+  t.after(() => proxy.stop());
+  const port = (proxy.listeners[0]?.connectOptions as { port: number }).port;
+  const client = net.connect({ host: '127.0.0.1', port });
+  await once(client, 'connect');
+  client.write('GET /delete-everything HTTP/1.0\r\n\r\n');
+  await new Promise((r) => setTimeout(r, 100));
+  client.resetAndDestroy();
+  await new Promise((r) => setTimeout(r, 100));
+  // The backend comes up now: the proxy's waiting client connects at its next probe (<= 200 ms),
+  // well before its once-a-second check for resets.
+  const got: Buffer[] = [];
+  let conns = 0;
+  const backend = net.createServer((s) => {
+    conns++;
+    s.on('data', (d: Buffer) => got.push(d));
+    s.on('error', () => {});
+  });
+  backend.listen(sock);
+  await once(backend, 'listening');
+  t.after(() => backend.close());
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(Buffer.concat(got).length, 0, `the backend got ${Buffer.concat(got).toString('latin1')}`);
+  assert.doesNotMatch(proxy.stderr(), /reporting fallback proxy data/, 'no LOCAL header was made for it');
+  t.diagnostic(`${conns} backend connection(s) for the client that reset`);
+  // And a client that stays is served, header first.
+  const ok = net.connect({ host: '127.0.0.1', port });
+  await once(ok, 'connect');
+  ok.write('hi');
+  await new Promise<void>((resolve) => {
+    const check = (): void => {
+      if (Buffer.concat(got).length >= 30) resolve();
+      else setTimeout(check, 10);
+    };
+    check();
+  });
+  ok.destroy();
+  const bytes = Buffer.concat(got);
+  assert.equal(bytes.subarray(0, 12).toString('hex'), SIG.replace(/ /g, ''));
+  assert.equal(bytes.subarray(28).toString(), 'hi');
+});
+
 test('each header is a buffer of its own: a later header does not change an earlier one', async () => {
   const a = await accepted({ host: '127.0.0.1', port: 0 }, { host: '127.0.0.1', localAddress: '127.0.0.2', port: 0 });
   const b = await accepted({ host: '::1', port: 0 }, { host: '::1', port: 0 });
   try {
-    const first = headerFor(2, handleOf(a.server));
+    const first = hdr(2, handleOf(a.server));
     const copy = Buffer.from(first);
-    headerFor(2, handleOf(b.server));
-    headerFor(1, handleOf(b.server));
+    hdr(2, handleOf(b.server));
+    hdr(1, handleOf(b.server));
     assert.ok(first.equals(copy));
   } finally {
     a.close();

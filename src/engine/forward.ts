@@ -45,7 +45,7 @@
 import { LOG_DEBUG, LOG_ERR } from '../system/log.ts';
 import { strerror } from '../system/strerror.ts';
 import { clientBytesWaiting, headerFor, isFallback, MSG_FALLBACK_V1, MSG_FALLBACK_V2, type ProxyProtocolVersion } from './proxy-protocol.ts';
-import { uv, UV_EOF, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
+import { uv, UV_ENOTCONN, UV_EOF, type ShutdownReq, type StreamHandle, type WriteReq } from './uv.ts';
 import { getSystemErrorName } from 'node:util';
 import { tick } from './clock.ts';
 import type { Address } from '../config/address.ts';
@@ -231,6 +231,11 @@ export function established(conn: Connection, backend: ProxyHandle): void {
   if (owner.keepAliveSec > 0 && backend instanceof uv.TCP) conn.keepAlivePending = true;
   if (owner.proxyProtocol !== 0) {
     const header = headerFor(owner.proxyProtocol, conn.client);
+    if (header === null) {
+      // The client reset while we connected: nothing to forward, and no honest header.
+      fail(conn, conn.client, UV_ENOTCONN);
+      return;
+    }
     if (isFallback(owner.proxyProtocol, header)) owner.log(LOG_DEBUG, owner.proxyProtocol === 1 ? MSG_FALLBACK_V1 : MSG_FALLBACK_V2);
     conn.header = header;
     // When the client's first bytes are already waiting (a client that speaks first, like
@@ -475,7 +480,9 @@ function readEnded(conn: Connection, src: ProxyHandle, n: number, fromClient: bo
     return;
   }
   const dest = fromClient ? (conn.backend as ProxyHandle) : conn.client;
-  // A client that half-closed without a byte: its header still goes first.
+  // A client that half-closed without a byte: its header still goes first. (The header
+  // waits for a read only when the addon saw bytes waiting: this is the net should a
+  // read bring EOF instead.)
   if (fromClient && conn.header !== null && !sendHeader(conn, dest)) return;
   if (fromClient) conn.clientEof = true;
   else conn.backendEof = true;

@@ -255,9 +255,10 @@ export function loadHeaderAddon(): string | null {
   const rel = join('prebuilds', `${process.platform}-${process.arch}`, 'proxy_header.node');
   let dir = dirname(fileURLToPath(import.meta.url));
   for (let up = 0; up < 3; up++, dir = dirname(dir)) {
-    if (!existsSync(join(dir, 'package.json'))) continue;
+    // The package root holds package.json and prebuilds/ (a build may put a package.json
+    // of its own in dist/: go on up past it).
     const file = join(dir, rel);
-    if (!existsSync(file)) return `no ${file}`;
+    if (!existsSync(join(dir, 'package.json')) || !existsSync(file)) continue;
     try {
       const loaded = createRequire(import.meta.url)(file) as Partial<HeaderAddon> | null;
       if (typeof loaded?.header !== 'function' || typeof loaded.init !== 'function') return `${file} does not export init() and header()`;
@@ -268,7 +269,7 @@ export function loadHeaderAddon(): string | null {
       return `cannot load ${file}: ${(err instanceof Error ? err.message : String(err)).split('\n')[0]}`;
     }
   }
-  return `no package.json above ${fileURLToPath(import.meta.url)}`;
+  return `no ${rel} in a package root above ${fileURLToPath(import.meta.url)}`;
 }
 
 /** Whether `header` (of `version`) is the fallback: UNKNOWN / LOCAL (the caller logs that at debug level). */
@@ -282,10 +283,13 @@ const HAS_BYTES = 256;
 let bytesWaiting = false;
 
 /**
- * The header for a connection accepted on `client`. Afterwards clientBytesWaiting()
- * says whether the client's first bytes were already in its socket.
+ * The header for a connection accepted on `client`, or null when that is a TCP client
+ * that has gone (its address can no longer be read): the caller drops the connection,
+ * as LOCAL / UNKNOWN would make the backend take our address for the client's.
+ * Afterwards clientBytesWaiting() says whether the client's first bytes were already
+ * in its socket.
  */
-export function headerFor(version: 1 | 2, client: StreamHandle): Buffer {
+export function headerFor(version: 1 | 2, client: StreamHandle): Buffer | null {
   const h = client as unknown as NamedHandle;
   if (addon != null) {
     const fd = h.fd;
@@ -293,6 +297,7 @@ export function headerFor(version: 1 | 2, client: StreamHandle): Buffer {
       const r = addon.header(fd, version);
       const n = r & (HAS_BYTES - 1);
       bytesWaiting = r >= HAS_BYTES;
+      if (n === 0) return null;
       // Its own copy: the header outlives this call (a pending write may hold it).
       const out = Buffer.allocUnsafe(n);
       for (let i = 0; i < n; i++) out[i] = scratch[i] as number;
@@ -314,11 +319,15 @@ export function clientBytesWaiting(): boolean {
 }
 
 /** headerFor() without the addon: Node's getpeername()/getsockname() and the encoders above. */
-export function headerForJs(version: 1 | 2, client: StreamHandle): Buffer {
+export function headerForJs(version: 1 | 2, client: StreamHandle): Buffer | null {
   const h = client as unknown as NamedHandle;
   let src: SockAddr | null = null;
   let dst: SockAddr | null = null;
-  if (h.getpeername !== undefined && h.getsockname !== undefined && h.getpeername(peer) === 0 && h.getsockname(local) === 0) {
+  // A PipeWrap (a UNIX client) has neither method: UNKNOWN / LOCAL. A TCP handle whose
+  // peer cannot be read has lost its client.
+  if (h.getpeername !== undefined && h.getsockname !== undefined) {
+    if (h.getsockname(local) !== 0) return version === 1 ? encodeV1(null, null) : encodeV2(null, null);
+    if (h.getpeername(peer) !== 0) return null;
     src = peer;
     dst = local;
   }

@@ -140,6 +140,8 @@ export interface Bindings {
 
 /** libuv's UV_EOF: what a read reports for an orderly end of stream. */
 export const UV_EOF = -4095;
+/** libuv's UV_ENOTCONN on Linux: a socket whose peer has gone (getpeername after a reset). */
+export const UV_ENOTCONN = -107;
 
 type Binding = Record<string, unknown>;
 
