@@ -72,15 +72,8 @@ test('the addon: TypeErrors for wrong types, negative errnos from the OS, every 
   assert.throws(() => addon.listen(0, {}, 'x' as unknown as typeof noop, noop), TypeError);
   assert.throws(() => addon.start({} as NativeListener), TypeError);
 
-  const sock = createSocket('udp4');
-  sock.bind(0, '127.0.0.1');
-  await once(sock, 'listening');
-  const target = createSocket('udp4');
-  target.bind(0, '127.0.0.1');
-  await once(target, 'listening');
+  const { sock, target, fd } = await loopbackPair();
   const before = fds();
-  const key = Object.getOwnPropertySymbols(sock).find((k) => k.description === 'state symbol') as symbol;
-  const fd = (sock as unknown as Record<symbol, { handle: { fd: number } } | undefined>)[key]?.handle.fd ?? -1;
   const l = addon.listen(fd, {}, noop, noop);
   assert.equal(typeof l, 'object');
   const listener = l as NativeListener;
@@ -111,9 +104,8 @@ test('the addon: TypeErrors for wrong types, negative errnos from the OS, every 
   assert.equal(fds(), before - 2, 'every socket of the addon, and the two of this test, closed');
 });
 
-/** A listener on a fresh loopback socket, its target, and a cleanup. */
-async function listenerFor(addon: UdpFlowsAddon): Promise<{ listener: NativeListener; target: ReturnType<typeof createSocket>; done: () => void }> {
-  const noop = (): void => {};
+/** Two bound loopback UDP sockets: one for a listener (and its fd), one as the target. */
+async function loopbackPair(): Promise<{ sock: ReturnType<typeof createSocket>; target: ReturnType<typeof createSocket>; fd: number }> {
   const sock = createSocket('udp4');
   sock.bind(0, '127.0.0.1');
   await once(sock, 'listening');
@@ -122,6 +114,13 @@ async function listenerFor(addon: UdpFlowsAddon): Promise<{ listener: NativeList
   await once(target, 'listening');
   const key = Object.getOwnPropertySymbols(sock).find((k) => k.description === 'state symbol') as symbol;
   const fd = (sock as unknown as Record<symbol, { handle: { fd: number } } | undefined>)[key]?.handle.fd ?? -1;
+  return { sock, target, fd };
+}
+
+/** A listener on a fresh loopback socket, its target, and a cleanup. */
+async function listenerFor(addon: UdpFlowsAddon): Promise<{ listener: NativeListener; target: ReturnType<typeof createSocket>; done: () => void }> {
+  const noop = (): void => {};
+  const { sock, target, fd } = await loopbackPair();
   const l = addon.listen(fd, {}, noop, noop);
   assert.equal(typeof l, 'object');
   const listener = l as NativeListener;
