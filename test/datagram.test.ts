@@ -816,13 +816,16 @@ describe('UDP: a real DNS server behind the proxy', () => {
     const port = portOf(listen);
     const p = await startWithFds([`127.0.0.1:${dnsPort}`], [listen], DEBUG);
     try {
-      // Each dig run sends from its own random source port: 12 runs of 5 names each.
+      // Each dig run sends from its own random source port: 12 runs of 5 names each. dig
+      // waits up to 5 s per try: with 2 s, a CI machine running two test files at once once
+      // stalled a reply past it (';; communications error ... timed out', then the late reply
+      // as an ID mismatch), in both data paths, and not in 75 runs on a quieter machine.
       const runs: Promise<string>[] = [];
       for (let r = 0; r < 12; r++) {
         const batch = names.slice(r * 5, r * 5 + 5);
         runs.push(
           new Promise((resolve) => {
-            const d = spawn('dig', [`@127.0.0.1`, '-p', String(port), '+short', '+tries=3', '+time=2', ...batch.flatMap((n) => [n, 'A'])]);
+            const d = spawn('dig', [`@127.0.0.1`, '-p', String(port), '+short', '+tries=3', '+time=5', ...batch.flatMap((n) => [n, 'A'])]);
             let out = '';
             d.stdout.setEncoding('utf8').on('data', (x: string) => (out += x));
             d.on('close', () => resolve(out));
