@@ -54,6 +54,7 @@ import {
   roundTrip,
   startBackend,
   startProxy,
+  unusedPort,
   waitFor,
   type Backend,
   type Proxy,
@@ -259,15 +260,16 @@ const server = net.createServer((c) => {
   c.on('drain', pump);
   pump();
 });
-server.listen({ host: '127.0.0.1', port: 0 }, () => {
+server.listen({ host: '127.0.0.1', port: Number(process.env.SPD_PORT || 0) }, () => {
   process.stdout.write(JSON.stringify({ port: server.address().port }) + '\\n');
 });
 process.stdin.on('end', () => process.exit(0));
 process.stdin.resume();
 `;
 
-async function startChild(script: string): Promise<{ child: ChildProcess; port: number }> {
-  const child = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'inherit'] });
+/** A backend in a process of its own; on `port` if given (SPD_PORT), else one the kernel picks. */
+async function startChild(script: string, port = 0): Promise<{ child: ChildProcess; port: number }> {
+  const child = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, SPD_PORT: String(port) } });
   const lines = createInterface({ input: child.stdout as NodeJS.ReadableStream });
   const [line] = (await withTimeout(once(lines, 'line'), 10_000, 'child start')) as [string];
   return { child, port: (JSON.parse(line) as { port: number }).port };
@@ -286,7 +288,7 @@ const server = net.createServer((c) => {
   const timer = setInterval(() => { if (c.writableLength < 65536) c.write(buf); }, 5);
   c.on('close', () => clearInterval(timer));
 });
-server.listen({ host: '127.0.0.1', port: 0 }, () => {
+server.listen({ host: '127.0.0.1', port: Number(process.env.SPD_PORT || 0) }, () => {
   process.stdout.write(JSON.stringify({ port: server.address().port }) + '\\n');
 });
 process.stdin.on('end', () => process.exit(0));
@@ -294,7 +296,10 @@ process.stdin.resume();
 `;
 
 test('peer faults: backend killed mid-transfer closes the client promptly; the next client is served', { timeout: 30_000 }, async () => {
-  const { child, port } = await startChild(TRICKLE_CHILD);
+  // Below the ephemeral range (unusedPort): the test listens on this port again once the
+  // backend is dead, and a port 0 could meanwhile be the source port of another test's
+  // connection (EADDRINUSE seen in CI).
+  const { child, port } = await startChild(TRICKLE_CHILD, await unusedPort());
   let replacement: Server | null = null;
   const proxy = await startProxy({ args: [`127.0.0.1:${port}`], listen: [{ kind: 'tcp' }] });
   try {
